@@ -1,0 +1,39 @@
+"""Frames assembled from, and split into, their sections on the host.
+
+The CPU core writes whole frames itself; the GPU backends compute scales and
+codes on the device and use these helpers for the header and checksum, which
+always come from the core so every backend emits the same bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iota import _C
+
+
+def layout(codec, dtype_code: int, shape, seed: int | None) -> dict:
+    return _C.frame_layout(dtype_code, list(shape), **codec.header_fields(seed))
+
+
+def assemble(lay: dict, scales: list[torch.Tensor], codes: torch.Tensor) -> bytes:
+    """Header + scales (+ offsets) + codes, sealed with the checksum."""
+    frame = np.zeros(lay["total"], dtype=np.uint8)
+    frame[: lay["header_len"]] = np.frombuffer(lay["header"], dtype=np.uint8)
+    pos = lay["scales_off"]
+    for part in scales:
+        raw = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        frame[pos : pos + raw.size] = raw
+        pos += raw.size
+    raw = codes.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    frame[lay["codes_off"] : lay["codes_off"] + raw.size] = raw
+    _C.seal(frame)
+    return frame.tobytes()
+
+
+def split(frame: memoryview, header: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and codes sections of a validated frame as uint8 tensors on `device`."""
+    data = torch.frombuffer(frame, dtype=torch.uint8) if len(frame) else torch.empty(0, dtype=torch.uint8)
+    scales = data[header["scales_off"] : header["scales_off"] + header["scales_len"]]
+    codes = data[header["codes_off"] : header["codes_off"] + header["codes_len"]]
+    return scales.to(device), codes.to(device)
