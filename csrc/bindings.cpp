@@ -77,25 +77,40 @@ py::dict spec_dict(const FrameSpec& s, const FrameLayout& l) {
   return d;
 }
 
+// Checks src against the spec and writes a sealed frame into `frame` (l.total bytes).
+void encode_to(const FrameSpec& s, const FrameLayout& l, const Buffer& in, uint8_t* frame, int threads) {
+  if (in.size() != s.numel * dtype_size(s.dtype))
+    throw CodecError("tensor data holds " + std::to_string(in.size()) + " bytes, expected " +
+                     std::to_string(s.numel * dtype_size(s.dtype)));
+  py::gil_scoped_release nogil;
+  write_header(s, l, frame);
+  encode_payload(s, l, in.data(), frame, threads);
+  seal_frame(frame, l.total);
+}
+
 py::bytes encode(py::handle src, int dtype, const std::vector<int64_t>& shape, int kind, int bits, int64_t block,
                  int flags, uint64_t seed, int threads) {
   FrameSpec s = make_spec(dtype, shape, kind, bits, block, flags, seed);
   FrameLayout l = layout_for(s);
   Buffer in(src, false, "tensor data");
-  if (in.size() != s.numel * dtype_size(dtype))
-    throw CodecError("tensor data holds " + std::to_string(in.size()) + " bytes, expected " +
-                     std::to_string(s.numel * dtype_size(dtype)));
   PyObject* raw = PyBytes_FromStringAndSize(nullptr, (Py_ssize_t)l.total);
   if (!raw) throw py::error_already_set();
   py::bytes out = py::reinterpret_steal<py::bytes>(raw);
-  uint8_t* frame = (uint8_t*)PyBytes_AS_STRING(raw);  // not shared yet: safe to fill
-  {
-    py::gil_scoped_release nogil;
-    write_header(s, l, frame);
-    encode_payload(s, l, in.data(), frame, threads);
-    seal_frame(frame, l.total);
-  }
+  encode_to(s, l, in, (uint8_t*)PyBytes_AS_STRING(raw), threads);  // not shared yet: safe to fill
   return out;
+}
+
+size_t encode_into(py::handle src, int dtype, const std::vector<int64_t>& shape, int kind, int bits, int64_t block,
+                   int flags, uint64_t seed, py::handle out, int threads) {
+  FrameSpec s = make_spec(dtype, shape, kind, bits, block, flags, seed);
+  FrameLayout l = layout_for(s);
+  Buffer in(src, false, "tensor data");
+  Buffer o(out, true, "output buffer");
+  if (o.size() < l.total)
+    throw CodecError("output buffer holds " + std::to_string(o.size()) + " bytes; the frame needs " +
+                     std::to_string(l.total));
+  encode_to(s, l, in, o.data(), threads);
+  return l.total;
 }
 
 py::dict parse(py::handle frame, bool verify_payload) {
@@ -186,6 +201,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("encode", &encode, py::arg("src"), py::arg("dtype"), py::arg("shape"), py::arg("kind"), py::arg("bits"),
         py::arg("block"), py::arg("flags"), py::arg("seed"), py::arg("threads") = 0,
         "Encode a C-contiguous buffer of numel elements into a sealed frame (bytes).");
+  m.def("encode_into", &encode_into, py::arg("src"), py::arg("dtype"), py::arg("shape"), py::arg("kind"),
+        py::arg("bits"), py::arg("block"), py::arg("flags"), py::arg("seed"), py::arg("out"), py::arg("threads") = 0,
+        "Encode into a writable buffer of at least the frame's size; returns the frame's length.");
   m.def("parse", &parse, py::arg("frame"), py::arg("verify_payload") = true,
         "Validate a frame (fields, lengths, then checksum and scales); return its header.");
   m.def("decode_into", &decode_into, py::arg("frame"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0);

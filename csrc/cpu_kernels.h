@@ -82,6 +82,8 @@ static void block_order_range(const float* __restrict x, int64_t n, int32_t* lo,
 }
 
 static bool has_nonfinite(const float* __restrict x, int64_t n) { return block_absmax_bits(x, n) > kMaxFiniteBits; }
+constexpr int32_t kPosInfKey = 0x7F800000;               // order_key(+inf)
+constexpr int32_t kNegInfKey = (int32_t)0x807FFFFFu;     // order_key(-inf)
 
 static void zero_nonfinite(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; i++) x[i] = abs_bits(x[i]) > kMaxFiniteBits ? 0.0f : x[i];
@@ -106,15 +108,23 @@ static void quantize_block(const float* __restrict x, int64_t n, float inv, floa
     }
     return (uint32_t)((int32_t)q + offset);
   };
+  if (BITS == 8) {
+    for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)code(i);
+    return;
+  }
+  // Narrow codes first, then pack: two simple loops vectorize far better
+  // than one loop with strided loads.
+  alignas(64) uint8_t q[kMaxBlock];
+  for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)code(i);
   const int64_t full = n / PER;
   for (int64_t j = 0; j < full; j++) {
     uint32_t b = 0;
-    for (int k = 0; k < PER; k++) b |= code(j * PER + k) << (k * BITS);
+    for (int k = 0; k < PER; k++) b |= (uint32_t)q[j * PER + k] << (k * BITS);
     out[j] = (uint8_t)b;
   }
   if (full * PER < n) {
     uint32_t b = 0;
-    for (int64_t i = full * PER; i < n; i++) b |= code(i) << ((i - full * PER) * BITS);
+    for (int64_t i = full * PER; i < n; i++) b |= (uint32_t)q[i] << ((i - full * PER) * BITS);
     out[full] = (uint8_t)b;
   }
 }
@@ -127,9 +137,13 @@ static void dequantize_block(const uint8_t* __restrict codes, int64_t n, float s
   auto value = [&](uint32_t c) -> float {
     return MINMAX ? dequantize_minmax((int)c, s, lo) : dequantize_sym((int)c, offset, s);
   };
+  if (BITS == 8) {
+    for (int64_t i = 0; i < n; i++) y[i] = value(codes[i]);
+    return;
+  }
   const int64_t full = n / PER;
   for (int64_t j = 0; j < full; j++) {
-    uint32_t b = codes[j];
+    const uint32_t b = codes[j];
     for (int k = 0; k < PER; k++) y[j * PER + k] = value((b >> (k * BITS)) & MASK);
   }
   for (int64_t i = full * PER; i < n; i++) y[i] = value((uint32_t(codes[full]) >> ((i - full * PER) * BITS)) & MASK);
@@ -174,22 +188,34 @@ static Status encode_int_blocks(const EncodeJob& job, int64_t b0, int64_t b1) {
       load_f32(src, job.dtype, n, tmp);
       x = tmp;
     }
-    if (has_nonfinite(x, n)) {
+    // One pass of statistics per block; they also reveal non-finite input
+    // (NaN/inf have the largest magnitude bits and the extreme order keys).
+    uint32_t amax_bits = 0;
+    int32_t klo = 0, khi = 0;
+    bool nonfinite;
+    if (MINMAX) {
+      block_order_range(x, n, &klo, &khi);
+      nonfinite = khi >= kPosInfKey || klo <= kNegInfKey;
+    } else {
+      amax_bits = block_absmax_bits(x, n);
+      nonfinite = amax_bits > kMaxFiniteBits;
+    }
+    if (nonfinite) {
       if (!nonfinite_ok) return STATUS_NONFINITE;
       if (x != tmp) memcpy(tmp, x, n * 4);
       zero_nonfinite(tmp, n);
       x = tmp;
+      if (MINMAX) block_order_range(x, n, &klo, &khi);
+      else amax_bits = block_absmax_bits(x, n);
     }
     float s, lo = 0.0f;
     if (MINMAX) {
-      int32_t klo, khi;
-      block_order_range(x, n, &klo, &khi);
       lo = to_scale_dtype_down(from_order_key(klo), f16);
       s = to_scale_dtype((from_order_key(khi) - lo) / minmax_levels(BITS), f16);
       if (!scale_is_valid(s) || !(lo >= -3.4028234663852886e38f)) return STATUS_SCALE_OVERFLOW;
       write_scale(los, b, lo, f16);
     } else {
-      s = to_scale_dtype(bits_f32(block_absmax_bits(x, n)) / sym_qmax(BITS), f16);
+      s = to_scale_dtype(bits_f32(amax_bits) / sym_qmax(BITS), f16);
       if (!scale_is_valid(s)) return STATUS_SCALE_OVERFLOW;
     }
     write_scale(job.scales, b, s, f16);

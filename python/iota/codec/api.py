@@ -8,7 +8,7 @@ import torch
 from iota import _C
 from iota.codec import backends
 from iota.codec.spec import CodecSpec
-from iota.codec.tensors import TORCH_DTYPES, as_tensor, byte_view, dtype_code, frame_view
+from iota.codec.tensors import DTYPE_CODES, TORCH_DTYPES, as_tensor, byte_view, dtype_code, frame_view
 from iota.errors import CodecError
 
 
@@ -37,8 +37,6 @@ class Codec(CodecSpec):
         `seed` overrides the codec's seed for stochastic rounding: use a fresh
         one per step so the rounding noise is independent across steps."""
         tensor = as_tensor(x)
-        if seed is not None and not 0 <= seed < 2**64:
-            raise CodecError(f"seed must be in [0, 2**64), not {seed}")
         name = backends.resolve(self.backend, tensor.device)
         if name != "cpu":
             return _device_backend(name).encode(self, tensor, seed)
@@ -50,6 +48,26 @@ class Codec(CodecSpec):
             **self.header_fields(seed),
             threads=self.threads,
         )
+
+    def frame_size(self, shape, dtype=torch.float32) -> int:
+        """Bytes of the frame of a tensor of this shape and dtype."""
+        return _C.frame_layout(DTYPE_CODES[dtype], list(shape), **self.header_fields())["total"]
+
+    def encode_into(self, x, out, *, seed: int | None = None) -> memoryview:
+        """Encode on the CPU into a preallocated writable buffer of at least
+        `frame_size` bytes (reused buffers skip the page faults of a fresh
+        allocation); returns the frame as a view of `out`."""
+        tensor = as_tensor(x).detach().cpu().contiguous()
+        target = out if not isinstance(out, torch.Tensor) else byte_view(out, "output buffer")
+        size = _C.encode_into(
+            byte_view(tensor, "tensor"),
+            dtype_code(tensor),
+            list(tensor.shape),
+            **self.header_fields(seed),
+            out=target,
+            threads=self.threads,
+        )
+        return memoryview(target).cast("B")[:size]
 
     @staticmethod
     def decode(frame, *, device=None, backend: str = "auto", threads: int = 0) -> torch.Tensor:

@@ -32,8 +32,10 @@ def assemble(lay: dict, scales: list[torch.Tensor], codes: torch.Tensor) -> byte
 
 
 def split(frame: memoryview, header: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scales and codes sections of a validated frame as uint8 tensors on `device`."""
-    data = torch.frombuffer(frame, dtype=torch.uint8) if len(frame) else torch.empty(0, dtype=torch.uint8)
-    scales = data[header["scales_off"] : header["scales_off"] + header["scales_len"]]
-    codes = data[header["codes_off"] : header["codes_off"] + header["codes_len"]]
-    return scales.to(device), codes.to(device)
+    """Copies of the scales and codes sections of a validated frame, as uint8
+    tensors on `device` (fresh, so they can be viewed as any dtype)."""
+
+    def section(offset: int, length: int) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(frame, dtype=np.uint8, count=length, offset=offset).copy()).to(device)
+
+    return section(header["scales_off"], header["scales_len"]), section(header["codes_off"], header["codes_len"])

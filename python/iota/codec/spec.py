@@ -82,6 +82,8 @@ class CodecSpec:
         if self.kind != "int":
             return dict(kind=KIND_CODES[self.kind], bits=0, block=0, flags=self.flags, seed=0)
         seed = self.seed if seed is None else seed
+        if not 0 <= seed < 2**64:
+            raise CodecError(f"seed must be in [0, 2**64), not {seed}")
         return dict(kind=0, bits=self.bits, block=self.block, flags=self.flags, seed=seed if self.stochastic else 0)
 
     def with_(self, **changes):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from iota.errors import CodecError
+from iota.errors import CodecError, FrameError
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -53,4 +53,4 @@ def frame_view(frame) -> memoryview:
     try:
         return memoryview(frame).cast("B")
     except TypeError:
-        raise CodecError(f"a frame must be bytes-like, got {type(frame).__name__}") from None
+        raise FrameError(f"a frame must be bytes-like, got {type(frame).__name__}") from None

@@ -1,0 +1,1 @@
+"""Triton kernels, installed into the package as iota.triton_kernels."""
