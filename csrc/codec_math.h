@@ -113,8 +113,13 @@ IOTA_HD int32_t order_key(float f) {
 }
 IOTA_HD float from_order_key(int32_t k) { return bits_f32((uint32_t)(k ^ ((k >> 31) & 0x7FFFFFFF))); }
 
-// Scale rounding to the stored dtype.
-IOTA_HD float to_scale_dtype(float v, bool f16) { return f16 ? f16_bits_to_f32(f32_to_f16_bits(v)) : v; }
+// Scale rounding to the stored dtype. fp32 scales below the smallest normal
+// flush to 0 (the block then decodes to zeros, an error < 127 * 2^-126): their
+// inverse would overflow to inf.
+IOTA_HD float to_scale_dtype(float v, bool f16) {
+  if (f16) return f16_bits_to_f32(f32_to_f16_bits(v));
+  return v < 1.17549435082228750797e-38f ? 0.0f : v;
+}
 
 // Largest value of the scale dtype that is <= v (used for the min-max offset).
 IOTA_HD float to_scale_dtype_down(float v, bool f16) {

@@ -33,6 +33,14 @@ constexpr int64_t kMaxGrid = int64_t(1) << 20;
 static_assert(kChunk == kMaxBlock, "a chunk must hold whole quantization blocks");
 static_assert(kMinBlock / kPerThread >= 2, "teams of one thread would need no reduction path");
 
+// The per-thread loops must unroll on the device so that x[] lives in
+// registers; the host compiler (which also sees them) knows no such pragma.
+#if defined(__CUDA_ARCH__)
+#define IOTA_UNROLL _Pragma("unroll")
+#else
+#define IOTA_UNROLL
+#endif
+
 // Output selector of the decode kernel: the first three are DType values.
 enum Out : int { OUT_F32 = DT_F32, OUT_F16 = DT_F16, OUT_BF16 = DT_BF16, OUT_ACC = 3 };
 
@@ -143,9 +151,9 @@ template <int BITS, int DT, bool MINMAX>
 IOTA_HD void load_thread(const EncodeParams& p, int64_t start, int n, int lane, int team, float (&x)[kPerThread],
                          BlockStats& st) {
   constexpr int PER = 8 / BITS;
-#pragma unroll
+  IOTA_UNROLL
   for (int j = 0; j < kPerThread / PER; j++) {
-#pragma unroll
+    IOTA_UNROLL
     for (int k = 0; k < PER; k++) {
       const int i = (lane + j * team) * PER + k;
       float v = 0.0f;
@@ -182,12 +190,12 @@ IOTA_HD void store_thread(const EncodeParams& p, int64_t start, int n, int lane,
   // 2^32), so its first element's key is every element's key.
   const uint32_t key = SR ? rng_key(p.seed, (uint64_t)start) : 0u;
   uint8_t* out = p.codes + start * BITS / 8;  // exact: start is a multiple of 32
-#pragma unroll
+  IOTA_UNROLL
   for (int j = 0; j < kPerThread / PER; j++) {
     const int byte = lane + j * team;
     if (byte * PER >= n) break;
     uint32_t b = 0;
-#pragma unroll
+    IOTA_UNROLL
     for (int k = 0; k < PER; k++) {
       const int i = byte * PER + k;
       if (i < n) {
@@ -240,8 +248,8 @@ __device__ void team_reduce(BlockStats& st, int team, BlockStats* partial) {
   }
 }
 
-// The first non-finite block wins over scale overflows, so the outcome does
-// not depend on which blocks run first.
+// A non-finite block outranks a scale overflow anywhere else, so the final
+// status does not depend on the order in which blocks run.
 __device__ void report(int* status, int code) {
   if (code == STATUS_NONFINITE) atomicExch(status, code);
   else atomicCAS(status, STATUS_OK, code);

@@ -8,7 +8,9 @@
 // (nullptr = the legacy default stream). Calls are asynchronous on the stream.
 // They return 0 on success or a cudaError_t value (cudaErrorInvalidValue for
 // bad arguments; cudaErrorNoDevice / cudaErrorInsufficientDriver when there is
-// no usable GPU); error_string(code) describes it.
+// no usable GPU); error_string(code) describes it. numel may be 0 (nothing is
+// launched) up to 2^48. Element arrays (src, out, acc) must be aligned to their
+// element size, as tensors are; the scales and codes sections need no alignment.
 #pragma once
 #include <cstdint>
 
@@ -20,8 +22,8 @@ namespace iota::cuda {
 //   flags  iota::Flag bits (FLAG_MINMAX, FLAG_STOCHASTIC, FLAG_SCALE_F32,
 //          FLAG_NONFINITE_OK);
 //   scales nblocks scales, then for FLAG_MINMAX nblocks offsets, each 2 bytes
-//          (fp16 bits) or 4 bytes (FLAG_SCALE_F32); any alignment;
-//   codes  code_bytes(numel, bits) bytes; any alignment;
+//          (fp16 bits) or 4 bytes (FLAG_SCALE_F32), little-endian;
+//   codes  code_bytes(numel, bits) bytes;
 //   status device int the caller zeroes beforehand. Left 0 on success, else
 //          set to iota::STATUS_NONFINITE (1) if any block held a non-finite
 //          value without FLAG_NONFINITE_OK, otherwise STATUS_SCALE_OVERFLOW

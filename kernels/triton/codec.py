@@ -155,6 +155,9 @@ def _encode_kernel(
         s = s_h.to(tl.float32)
         tl.store(scale_ptr + rows, s_h, mask=rows < nblocks)
     else:
+        # fp32 scales below the smallest normal flush to 0: their inverse
+        # would overflow to inf (codec_math.h, to_scale_dtype).
+        s = tl.where(s < 1.1754943508222875e-38, 0.0, s)
         tl.store(scale_ptr + rows, s, mask=rows < nblocks)
     inv = tl.where(s == 0.0, 0.0, tl.div_rn(1.0, tl.where(s == 0.0, 1.0, s)))
 

@@ -68,7 +68,7 @@ def encode_sections(x, bits, block, *, minmax=False, stochastic=False, seed=0, f
     codes = np.zeros(n, dtype=np.uint32)
     for b in range(nblocks):
         xb = x[b * block : (b + 1) * block]
-        round_scale = (lambda v: np.float32(v)) if fp32scale else to_f16
+        round_scale = (lambda v: np.float32(0 if v < 2.0**-126 else v)) if fp32scale else to_f16
         if minmax:
             keys = order_key(xb)
             lo = from_order_key(keys.min())

@@ -268,3 +268,12 @@ def test_compression_ratio_is_against_bf16():
     # int4 with an fp16 scale per 64 values: 4 + 16/64 bits per value against 16.
     assert compression_ratio(Codec(bits=4, block=64).encode(x)) == 2 * 2**16 / (2**16 * 4.25 / 8 + header)
     assert compression_ratio(Codec(bits=2, block=4096).encode(x)) == 2 * 2**16 / (2**16 * 2 / 8 + 16 * 2 + header)
+
+
+def test_tiny_fp32_scales_flush_to_zero_instead_of_overflowing():
+    # amax/127 is below 2^-126: its inverse would be inf and saturate every code.
+    x = torch.tensor([1e-37, -5e-38, 0.0, 2e-38] + [0.0] * 28)
+    codec = Codec(bits=8, block=32, scale_dtype="fp32")
+    y = Codec.decode(codec.encode(x))
+    assert torch.equal(y, torch.zeros(32))
+    assert sections(codec.encode(x))[0][0] == 0
