@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-WORDS = "alpha beta gamma delta épsilon ζήτα 東京 😀 def return class lambda\n\t".split(" ")
+WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "ζήτα", "東京", "😀", "def", "return", "class", "lambda\n\t"]
 
 
 def write_corpus(root: Path, files: int = 40, seed: int = 0) -> Path:

@@ -4,10 +4,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import iota.data.tokenizers as tokenizers_module
 import numpy as np
 import pytest
-
-import iota.data.tokenizers as tokenizers_module
 from iota.data import (
     BPETokenizer,
     ByteTokenizer,
@@ -88,7 +87,9 @@ def test_bpe_learns_a_lossless_deterministic_vocabulary(corpus_dir: Path) -> Non
 
 
 @needs_tokenizers
-def test_corpus_bpe_is_cached_by_corpus_and_size(corpus_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corpus_bpe_is_cached_by_corpus_and_size(
+    corpus_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     corpus = FileCorpus(corpus_dir)
     tok = get_tokenizer("bpe:300", corpus, cache_dir=cache_dir)
     [cached] = (cache_dir / "tokenizers").iterdir()

@@ -12,13 +12,13 @@ another one did.
 
 from collections.abc import Sequence
 
+from iota.data.cache import PathLike
 from iota.data.corpus import (
     VAL_FRACTION,
     Corpus,
     Document,
     FileCorpus,
     HFCorpus,
-    PathLike,
     open_corpus,
     split_of,
     stdlib_corpus,

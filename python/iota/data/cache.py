@@ -8,10 +8,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeAlias
+
+PathLike: TypeAlias = str | os.PathLike[str]
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def cache_root(cache_dir: PathLike | None = None) -> Path:
     """The data cache directory: `cache_dir` if given, else $IOTA_CACHE_DIR/data,
     else $XDG_CACHE_HOME/iota/data, else ~/.cache/iota/data."""
     if cache_dir is not None:

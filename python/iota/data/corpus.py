@@ -9,12 +9,10 @@ import sysconfig
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
-from iota.data.cache import fingerprint
+from iota.data.cache import PathLike, fingerprint
 from iota.data.errors import CorpusError, require
-
-PathLike: TypeAlias = str | os.PathLike[str]
 
 VAL_FRACTION = 0.03
 """Share of documents held out for validation, by default."""
@@ -109,7 +107,7 @@ class FileCorpus:
         # Sizes and mtimes rather than contents: cheap for any corpus size, and
         # an edited file changes its mtime. Absolute paths are left out so a
         # moved copy keeps its identity.
-        stats = [(key, p.stat().st_size, p.stat().st_mtime_ns) for key, p in self.files]
+        stats = [(key, st.st_size, st.st_mtime_ns) for key, st in ((k, p.stat()) for k, p in self.files)]
         return f"{self._name}-{fingerprint(self._suffixes, stats)}"
 
     def documents(self) -> Iterator[Document]:
@@ -166,9 +164,7 @@ class HFCorpus:
 
     def _records(self) -> Iterable[Mapping[str, Any]]:
         datasets = require("datasets", "a Hugging Face dataset source")
-        return datasets.load_dataset(
-            self.path, self.config, split=self.split, streaming=True, revision=self.revision
-        )
+        return datasets.load_dataset(self.path, self.config, split=self.split, streaming=True, revision=self.revision)
 
 
 def documents_from_records(records: Iterable[Mapping[str, Any]], text_field: str) -> Iterator[Document]:
@@ -192,6 +188,6 @@ def open_corpus(source: "str | PathLike | Sequence[PathLike] | Corpus") -> Corpu
         if not path:
             raise CorpusError(f"{source!r} names no dataset: use hf:<dataset>[:<config>]")
         return HFCorpus(path, config or None)
-    if isinstance(source, (str, os.PathLike)) or isinstance(source, Sequence):
+    if isinstance(source, (str, os.PathLike, Sequence)):
         return FileCorpus(source)
     return source

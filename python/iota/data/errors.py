@@ -28,6 +28,5 @@ def require(module: str, needed_for: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependencyError(
-            f"{needed_for} needs the '{module}' package, which is not installed: "
-            f"pip install {module}"
+            f"{needed_for} needs the '{module}' package, which is not installed: pip install {module}"
         ) from e

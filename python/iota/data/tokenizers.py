@@ -11,8 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from iota.data.cache import atomic_file, cache_root, fingerprint
-from iota.data.corpus import VAL_FRACTION, Corpus, PathLike, split_of
+from iota.data.cache import PathLike, atomic_file, cache_root, fingerprint
+from iota.data.corpus import VAL_FRACTION, Corpus, split_of
 from iota.data.errors import TokenizerError, require
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from iota.data.cache import atomic_file, cache_root, fingerprint, safe_name, write_json
-from iota.data.corpus import VAL_FRACTION, Corpus, PathLike, split_of
+from iota.data.cache import PathLike, atomic_file, cache_root, fingerprint, safe_name, write_json
+from iota.data.corpus import VAL_FRACTION, Corpus, split_of
 from iota.data.errors import CorpusError, DataError
 from iota.data.tokenizers import Tokenizer
 
@@ -63,7 +63,7 @@ class TokenDataset:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"no usable {split} cache in {directory}: {e}") from e
         if manifest.get("format") != FORMAT or size != n * dtype.itemsize or n == 0:
-            raise DataError(f"{path} does not match its manifest; it will be rebuilt")
+            raise DataError(f"{path} does not match its manifest (an interrupted or damaged build)")
         return cls(np.memmap(path, dtype=dtype, mode="r", shape=(n,)), manifest)
 
     @property
@@ -196,20 +196,23 @@ def build_datasets(
     stats = _write_splits(corpus, tokenizer, directory, caps, val_fraction)
     for split in SPLITS:
         # The manifest goes last: its presence is what marks a split as complete.
-        write_json(directory / f"{split}.json", {
-            "format": FORMAT,
-            "identity": directory.name,
-            "split": split,
-            "corpus": corpus.name,
-            "corpus_identity": corpus_identity,
-            "tokenizer": tokenizer.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eod_id": tokenizer.eod_id,
-            "dtype": storage_dtype(tokenizer.vocab_size).str,
-            "max_tokens": caps[split],
-            "val_fraction": val_fraction,
-            **stats[split],
-        })
+        write_json(
+            directory / f"{split}.json",
+            {
+                "format": FORMAT,
+                "identity": directory.name,
+                "split": split,
+                "corpus": corpus.name,
+                "corpus_identity": corpus_identity,
+                "tokenizer": tokenizer.name,
+                "vocab_size": tokenizer.vocab_size,
+                "eod_id": tokenizer.eod_id,
+                "dtype": storage_dtype(tokenizer.vocab_size).str,
+                "max_tokens": caps[split],
+                "val_fraction": val_fraction,
+                **stats[split],
+            },
+        )
     return TokenDataset.open(directory, "train"), TokenDataset.open(directory, "val")
 
 
@@ -260,6 +263,6 @@ def _write_splits(
                 raise CorpusError(
                     f"the {split} split of {corpus.name} is empty ({writers['train'].num_documents} train, "
                     f"{writers['val'].num_documents} val documents): documents are split by a hash of "
-                    f"their name, so give more files (or more text), a larger max_tokens or another val_fraction"
+                    f"their name: give more files or another val_fraction"
                 )
         return {split: w.stats() for split, w in writers.items()}
