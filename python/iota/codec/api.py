@@ -7,7 +7,7 @@ import torch
 
 from iota import _C
 from iota.codec import backends
-from iota.codec.spec import CodecSpec
+from iota.codec.spec import FLAG_MINMAX, FLAG_NONFINITE_OK, FLAG_SCALE_F32, FLAG_STOCHASTIC, KINDS, CodecSpec
 from iota.codec.tensors import DTYPE_CODES, TORCH_DTYPES, as_tensor, byte_view, dtype_code, frame_view
 from iota.errors import CodecError
 
@@ -117,8 +117,6 @@ class Codec(CodecSpec):
 
 
 def codec_of_header(cls, header: dict) -> Codec:
-    from iota.codec.spec import FLAG_MINMAX, FLAG_NONFINITE_OK, FLAG_SCALE_F32, FLAG_STOCHASTIC, KINDS
-
     flags = header["flags"]
     fields = dict(kind=KINDS[header["kind"]], allow_nonfinite=bool(flags & FLAG_NONFINITE_OK))
     if fields["kind"] == "int":

@@ -8,10 +8,9 @@ import torch
 
 from iota import _C
 from iota.codec import sections
-from iota.codec.tensors import DTYPE_CODES, TORCH_DTYPES
+from iota.codec.sections import WIRE_DTYPES
+from iota.codec.tensors import DTYPE_CODES
 from iota.errors import CodecError
-
-WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATUS_MESSAGES = {
     1: "input holds NaN or infinity; clean it or pass allow_nonfinite=True (they then encode as 0)",
     2: "a block's range overflows fp16 scales (|x| too large); use scale_dtype='fp32'",
@@ -43,20 +42,11 @@ def encode(codec, tensor: torch.Tensor, seed: int | None) -> bytes:
 
 
 def decode(frame: memoryview, *, out: torch.Tensor | None = None, acc: torch.Tensor | None = None, weight: float = 1.0) -> None:
-    header = _C.parse(frame)
-    target = out if out is not None else acc
-    if target.numel() != header["numel"] or not target.is_contiguous():
-        raise CodecError(f"the destination must be contiguous with {header['numel']} elements")
-    scales, codes = sections.split(frame, header, target.device)
-    flat = target.view(-1)
-    if header["kind"] != 0:
-        kind = ("int", "raw", "fp32", "fp16", "bf16")[header["kind"]]
-        values = codes.view(TORCH_DTYPES[header["dtype"]] if kind == "raw" else WIRE_DTYPES[kind])
-        flat.copy_(values) if out is not None else flat.add_(values.float() * weight)
-        return
-    if header["numel"]:
+    def decode_int(header: dict, scales: torch.Tensor, codes: torch.Tensor, flat: torch.Tensor) -> None:
         _C.cuda_decode(
             scales.data_ptr(), codes.data_ptr(), header["numel"], header["bits"], header["block"], header["flags"],
             flat.data_ptr() if out is not None else 0, DTYPE_CODES[flat.dtype], flat.data_ptr() if acc is not None else 0,
             float(weight), _stream(flat.device),
         )
+
+    sections.decode_frame(frame, out, acc, weight, decode_int)

@@ -6,10 +6,17 @@ always come from the core so every backend emits the same bytes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from iota import _C
+from iota.codec.spec import KINDS
+from iota.codec.tensors import TORCH_DTYPES
+from iota.errors import CodecError
+
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def layout(codec, dtype_code: int, shape, seed: int | None) -> dict:
@@ -39,3 +46,30 @@ def split(frame: memoryview, header: dict, device: torch.device) -> tuple[torch.
         return torch.from_numpy(np.frombuffer(frame, dtype=np.uint8, count=length, offset=offset).copy()).to(device)
 
     return section(header["scales_off"], header["scales_len"]), section(header["codes_off"], header["codes_len"])
+
+
+def decode_frame(
+    frame: memoryview,
+    out: torch.Tensor | None,
+    acc: torch.Tensor | None,
+    weight: float,
+    decode_int: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Validate a frame, move its sections to the destination's device and
+    decode: float kinds with torch, integer kinds with the backend's
+    `decode_int(header, scales, codes, flat_destination)`."""
+    header = _C.parse(frame)
+    target = out if out is not None else acc
+    if target.numel() != header["numel"] or not target.is_contiguous():
+        raise CodecError(f"the destination must be contiguous with {header['numel']} elements")
+    scales, codes = split(frame, header, target.device)
+    flat = target.view(-1)
+    kind = KINDS[header["kind"]]
+    if kind != "int":
+        values = codes.view(TORCH_DTYPES[header["dtype"]] if kind == "raw" else WIRE_DTYPES[kind])
+        if out is not None:
+            flat.copy_(values)
+        else:
+            flat.add_(values.float() * weight)
+    elif header["numel"]:
+        decode_int(header, scales, codes, flat)

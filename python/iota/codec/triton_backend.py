@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from iota import _C
 from iota.codec import sections
-from iota.codec.tensors import DTYPE_CODES, TORCH_DTYPES
+from iota.codec.sections import WIRE_DTYPES
+from iota.codec.spec import FLAG_MINMAX, FLAG_SCALE_F32
+from iota.codec.tensors import DTYPE_CODES
 from iota.errors import CodecError
 from iota.triton_kernels import codec as kernels
-
-WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _finite_or_zeroed(codec, flat: torch.Tensor) -> torch.Tensor:
@@ -43,29 +42,14 @@ def encode(codec, tensor: torch.Tensor, seed: int | None) -> bytes:
 
 
 def decode(frame: memoryview, *, out: torch.Tensor | None = None, acc: torch.Tensor | None = None, weight: float = 1.0) -> None:
-    header = _C.parse(frame)
-    target = out if out is not None else acc
-    if target.numel() != header["numel"] or not target.is_contiguous():
-        raise CodecError(f"the destination must be contiguous with {header['numel']} elements")
-    scales, codes = sections.split(frame, header, target.device)
-    flat = target.view(-1)
-    if header["kind"] != 0:
-        kind = ("int", "raw", "fp32", "fp16", "bf16")[header["kind"]]
-        wire = TORCH_DTYPES[header["dtype"]] if kind == "raw" else WIRE_DTYPES[kind]
-        values = codes.view(wire)
-        if out is not None:
-            flat.copy_(values)
-        else:
-            flat.add_(values.float() * weight)
-        return
-    if header["numel"] == 0:
-        return
-    f32 = bool(header["flags"] & 4)
-    table = scales.view(torch.float32 if f32 else torch.float16)
-    nblocks = -(-header["numel"] // header["block"])
-    minmax = bool(header["flags"] & 1)
-    kernels.decode(
-        table[:nblocks], table[nblocks:] if minmax else None, codes, header["numel"], bits=header["bits"],
-        block=header["block"], minmax=minmax, out=flat if out is not None else None,
-        acc=flat if acc is not None else None, weight=weight,
-    )
+    def decode_int(header: dict, scales: torch.Tensor, codes: torch.Tensor, flat: torch.Tensor) -> None:
+        table = scales.view(torch.float32 if header["flags"] & FLAG_SCALE_F32 else torch.float16)
+        nblocks = -(-header["numel"] // header["block"])
+        minmax = bool(header["flags"] & FLAG_MINMAX)
+        kernels.decode(
+            table[:nblocks], table[nblocks:] if minmax else None, codes, header["numel"], bits=header["bits"],
+            block=header["block"], minmax=minmax, out=flat if out is not None else None,
+            acc=flat if acc is not None else None, weight=weight,
+        )
+
+    sections.decode_frame(frame, out, acc, weight, decode_int)
