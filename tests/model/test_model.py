@@ -139,3 +139,39 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(other(x, y), pipe(x, y))
     assert ModelConfig(**config["model"]) == CFG
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_reembedding_stages_need_and_use_the_tokens():
+    stages = build_stages(CFG, 2, Bottleneck(width=8, reembed=True), seed=0)
+    x, y = batch()
+    boundary = stages[0](x)
+    with pytest.raises(ValueError, match="tokens"):
+        stages[1](boundary, y)
+    loss = stages[1](boundary, y, tokens=x)
+    loss.backward()
+    assert stages[1].embed.weight.grad.abs().sum() > 0
+    pipe = Pipeline.build(CFG, 2, Bottleneck(width=8, reembed=True), Codec(bits=4), Codec(bits=4, scale_dtype="fp32"))
+    assert torch.isfinite(pipe(x, y))
+
+
+@pytest.mark.slow
+def test_main_job_trains_on_the_stdlib(tmp_path):
+    """`python -m iota.model` on a fresh cache: it tokenizes the stdlib, trains
+    a compressed pipeline, lowers the loss and saves a checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "IOTA_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "iota.model", "--steps", "30", "--dim", "64", "--layers", "3", "--batch", "8",
+         "--seq-len", "64", "--checkpoint", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = float(result.stdout.split("validation loss before training: ")[1].split()[0])
+    report = json.loads(result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1])
+    assert report["final_val_loss"] < before - 1.0
+    assert report["compression_ratio_vs_bf16"] > 100
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()

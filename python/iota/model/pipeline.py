@@ -31,8 +31,8 @@ class Pipeline(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = tokens
         for stage, link in zip(self.stages, self.links):
-            x = link(stage(x))
-        return self.stages[-1](x, targets)
+            x = link(stage(x, tokens=tokens))
+        return self.stages[-1](x, targets, tokens=tokens)
 
     def compression_ratio(self) -> float:
         """Mean over boundaries of bf16 bytes over bytes actually sent."""

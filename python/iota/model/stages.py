@@ -43,10 +43,16 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Bottleneck:
-    """The residual bottleneck at every stage boundary (width 0: none)."""
+    """The residual bottleneck at every stage boundary (width 0: none).
+
+    reembed: every later stage also adds its own embedding of the input
+    tokens to what it receives. A miner can read a sample's tokens from the
+    shared corpus given the sample's id, so this costs no bytes per token on
+    the wire; the bottleneck then only has to carry context."""
 
     width: int = 0
     init: str = "identity"
+    reembed: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in BOTTLENECK_INITS:
@@ -96,9 +102,9 @@ class Stage(nn.Module):
         super().__init__()
         self.cfg, self.plan, self.bottleneck = cfg, plan, bottleneck
         width = bottleneck.width
-        if plan.is_first:
+        if plan.is_first or bottleneck.reembed:
             self.embed = copy.deepcopy(source.embed)
-        elif width:
+        if not plan.is_first and width:
             self.up = nn.Linear(width, cfg.dim, bias=False)
         self.blocks = nn.ModuleList(copy.deepcopy(source.blocks[i]) for i in range(plan.first_layer, plan.end_layer))
         if plan.is_last:
@@ -112,11 +118,17 @@ class Stage(nn.Module):
         """Width of the tensor this stage sends (0 for the last stage)."""
         return 0 if self.plan.is_last else (self.bottleneck.width or self.cfg.dim)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`tokens`: the sample's token ids, needed by later stages when reembedding."""
         if self.plan.is_first:
             x = self.embed(x)
         elif self.bottleneck.width:
             x = self.up(x)
+        if not self.plan.is_first and self.bottleneck.reembed:
+            if tokens is None:
+                raise ValueError("a reembedding stage needs the sample's tokens")
+            x = x + self.embed(tokens)
         cos, sin = rotary_tables(self.cfg, x.shape[1], x.device)
         for block in self.blocks:
             x = block(x, cos, sin)

@@ -94,7 +94,7 @@ def train_local(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            history.train_loss.append((step, float(loss)))
+            history.train_loss.append((step, loss.item()))
             history.tokens += y.numel()
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 val = evaluate(model, val_batches)
@@ -102,7 +102,7 @@ def train_local(
                 if on_eval:
                     on_eval(step + 1, val)
                 bar.update(task, val=val)
-            bar.update(task, advance=1, loss=float(loss))
+            bar.update(task, advance=1, loss=history.train_loss[-1][1])
     history.seconds = time.perf_counter() - start
     return history
 
