@@ -1,0 +1,202 @@
+"""Butterfly all-reduce against torch.distributed gloo, in the same run.
+
+4 peers as processes on 127.0.0.1, each with its own fp32 vector (64 Mi
+elements by default), average them: first with gloo's all_reduce (ring, no
+signing, no compression, no fault tolerance), then with iota.allreduce for
+each codec. Per codec: seconds per round (from the last peer joining to the
+last one finishing, as gloo is timed from a barrier; median over --repeats)
+beside gloo's, and body bytes each peer sent and received per
+round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
+the fp32 vector. Prints JSON lines.
+
+    python bench/allreduce.py [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from iota.allreduce import AllReduceConfig
+from iota.allreduce.worker import synthetic_vector
+from iota.chain import LocalChain, dev_keypair
+from iota.codec import Codec
+
+
+def peer_name(i: int) -> str:
+    return f"iota-bench-allreduce-{i}"
+
+
+def weight(i: int) -> float:
+    return 1.0 + i
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_rank(rank: int, world: int, port: int, numel: int, repeats: int, out: str) -> None:
+    """One gloo process: the weighted sum by all_reduce, then the division, timed per round."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        source = synthetic_vector(numel, rank) * weight(rank)
+        total = sum(weight(i) for i in range(world))
+        times = []
+        for _ in range(repeats + 1):  # the first round warms up connections and pages
+            x = source.clone()
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            x /= total
+            times.append(time.perf_counter() - start)
+        Path(out).write_text(json.dumps(times[1:]))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(world: int, numel: int, repeats: int, directory: Path) -> list[float]:
+    port = free_port()
+    outs = [directory / f"gloo-{r}.json" for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--gloo-rank", str(r), "--world", str(world), "--port", str(port),
+             "--elements", str(numel), "--repeats", str(repeats), "--out", str(outs[r])]
+        )
+        for r in range(world)
+    ]
+    try:
+        for p in procs:
+            if p.wait() != 0:
+                raise RuntimeError(f"a gloo process exited with {p.returncode}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    per_rank = [json.loads(o.read_text()) for o in outs]
+    return [max(ts) for ts in zip(*per_rank)]  # a round ends when its slowest rank does
+
+
+def run_iota(
+    world: int, numel: int, repeats: int, codecs: list[str], config: dict, directory: Path
+) -> dict[int, list[dict]]:
+    """Every codec's rounds in one set of peer processes; returns each peer's result lines."""
+    keys = [dev_keypair(peer_name(i)) for i in range(world)]
+    LocalChain({k.ss58_address: "miner" for k in keys}).save(directory / "chain.json")
+    rounds = []
+    for c, codec in enumerate(codecs):
+        # One warm-up round per codec, then the measured ones.
+        rounds += [{"round_id": f"c{c}-r{r}", "numel": numel, "codec": codec} for r in range(repeats + 1)]
+    procs = []
+    try:
+        for i in range(world):
+            spec = {
+                "name": peer_name(i), "chain": str(directory / "chain.json"), "dir": str(directory), "wait": 120,
+                "rounds": [{**r, "seed": i, "weight": weight(i)} for r in rounds], "config": config,
+            }
+            path = directory / f"{peer_name(i)}.json"
+            path.write_text(json.dumps(spec))
+            procs.append(subprocess.Popen([sys.executable, "-m", "iota.allreduce.worker", str(path)]))
+        members = []
+        for i in range(world):
+            address = directory / f"{peer_name(i)}.address"
+            while not address.exists():
+                if procs[i].poll() is not None:
+                    raise RuntimeError(f"peer {i} exited before serving")
+                time.sleep(0.05)
+            members.append({**json.loads(address.read_text()), "bandwidth": 1.0})
+        (directory / ".group.tmp").write_text(json.dumps({"members": members}))
+        os.replace(directory / ".group.tmp", directory / "group.json")
+        for p in procs:
+            if p.wait() != 0:
+                raise RuntimeError(f"a peer exited with {p.returncode}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = {}
+    for i in range(world):
+        text = (directory / f"{peer_name(i)}.results.jsonl").read_text()
+        lines[i] = [json.loads(x) for x in text.splitlines()]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--elements", type=int, default=64 * 2**20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--codecs", nargs="+", default=["raw", "fp16", "int8/b64", "int4/b64"])
+    defaults = AllReduceConfig()
+    parser.add_argument("--part-bytes", type=int, default=defaults.part_bytes, help="wire bytes per streamed part")
+    parser.add_argument("--max-inflight", type=int, default=defaults.max_inflight)
+    parser.add_argument("--workdir", help="keep the peers' configs and result lines here (default: a temporary dir)")
+    # Internal: one gloo rank (the script runs itself for each).
+    parser.add_argument("--gloo-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.gloo_rank is not None:
+        gloo_rank(args.gloo_rank, args.world, args.port, args.elements, args.repeats, args.out)
+        return
+
+    n, world = args.elements, args.peers
+    fp32_bytes = 4 * n
+    optimal = 2 * (world - 1) / world * fp32_bytes
+    config = {"part_bytes": args.part_bytes, "max_inflight": args.max_inflight}
+    print(json.dumps({"bench": "allreduce", "peers": world, "elements": n, "fp32_bytes": fp32_bytes,
+                      "optimal_bytes_per_peer": optimal, "cpus": os.cpu_count(), "config": config}), flush=True)
+    with tempfile.TemporaryDirectory(prefix="iota-bench-allreduce-") as tmp:
+        directory = Path(args.workdir or tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        gloo = run_gloo(world, n, args.repeats, directory)
+        gloo_seconds = statistics.median(gloo)
+        print(json.dumps({"bench": "gloo", "seconds": gloo_seconds, "rounds": gloo,
+                          "bytes_per_peer_ring": optimal}), flush=True)
+        lines = run_iota(world, n, args.repeats, args.codecs, config, directory)
+    for c, codec in enumerate(args.codecs):
+        round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
+        seconds, sent, received, failures = [], [], [], []
+        for round_id in round_ids:
+            per_peer = [
+                next(x for x in lines[i] if x.get("round_id") == round_id)["report"] for i in range(world)
+            ]
+            failures += [r["error"] for r in per_peer if r["error"]]
+            # Like gloo's barrier: from the moment the last peer joined to the moment the last one finished.
+            last_join = max(r["started_at"] for r in per_peer)
+            seconds.append(max(r["started_at"] + r["duration"] for r in per_peer) - last_join)
+            traffic = [next(x for x in lines[i] if x.get("drained"))["traffic"][round_id] for i in range(world)]
+            sent.append(statistics.mean(t["sent"] for t in traffic))
+            received.append(statistics.mean(t["received"] for t in traffic))
+        digests = {x["frames_sha256"] for i in range(world) for x in lines[i]
+                   if x.get("ok") and x["round_id"].startswith(f"c{c}-")}
+        frame_bytes = Codec.from_string(codec).frame_size((n,))
+        median = statistics.median(seconds)
+        print(json.dumps({
+            "bench": "iota.allreduce", "codec": codec, "seconds": median, "rounds": seconds,
+            "gloo_seconds": gloo_seconds, "time_vs_gloo": median / gloo_seconds,
+            "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
+            "sent_vs_optimal_fp32": statistics.mean(sent) / optimal,
+            "sent_vs_optimal_same_codec": statistics.mean(sent) / (2 * (world - 1) / world * frame_bytes),
+            "vector_frame_bytes": frame_bytes, "failures": failures,
+            "identical_across_peers": not failures and len(digests) == 1,  # every round averages the same vectors
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""One peer's side of a round: scatter parts to holders, agree on the
+contributors, gather the reduced shards.
+
+1. Scatter: each part of shard s goes, encoded, to its owner and its backup.
+2. Decide: read the closed have-sets of the holders, propose the contributors
+   whose parts of every shard some live holder has in full
+   (`decision.propose`), then write the proposal to every holder's write-once
+   register in sorted order, adopting what the first register that answers
+   holds; a later register holding anything else fails the round. Every peer
+   does this, so the first live register settles it for all of them.
+3. Gather: fetch each part of the mean from a holder (this peer, else the
+   owner, else the backup) under that decision, checking it is that decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import torch
+
+from iota.allreduce.config import AllReduceConfig
+from iota.allreduce.decision import Decision, HaveSet, RoundFailed, propose
+from iota.allreduce.errors import AllReduceError
+from iota.allreduce.faults import Faults
+from iota.allreduce.group import Part, RoundPlan
+from iota.allreduce.holder import HolderRound, Refusal, stochastic_seed
+from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
+from iota.codec import Codec
+from iota.errors import CodecError
+from iota.net import NetError, PeerError, SignedClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def run_all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest, then raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class ButterflyRound:
+    """Runs one round for this peer; `run` returns the result or raises AllReduceError."""
+
+    def __init__(
+        self,
+        plan: RoundPlan,
+        holder: HolderRound,
+        client: SignedClient,
+        config: AllReduceConfig,
+        faults: Faults,
+        vector: torch.Tensor,
+        weight: float,
+    ) -> None:
+        self.plan = plan
+        self.me = holder.me
+        self.holder = holder
+        self.client = client
+        self.config = config
+        self.faults = faults
+        self.vector = vector
+        self.weight = weight
+        self.traffic = holder.traffic
+        self.unreachable: dict[str, str] = {}
+        self.closed_early: set[str] = set()  # holders that closed before all our parts arrived
+        self.served_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
+        self.served_parts: set[int] = set()
+        self.decision: Decision | None = None
+        self.timings: dict[str, float] = {}
+        self.started_at = 0.0
+
+    async def run(self, started: float) -> AllReduceResult:
+        """The round's result; `started` is when the caller asked (time.monotonic)."""
+        self.started_at = time.time() - (time.monotonic() - started)
+        mark = started
+
+        def lap(phase: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.timings[phase], mark = now - mark, now
+
+        try:
+            await self.scatter()
+            lap("scatter")
+            self.decision = await self.decide()
+            lap("decide")
+            mean, frames = await self.gather(self.decision)
+            lap("gather")
+        except RoundFailed as exc:
+            report = self.report(time.monotonic() - started, error=str(exc))
+            raise AllReduceError(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
+        return AllReduceResult(mean, frames, self.report(time.monotonic() - started))
+
+    # -- talking to holders -------------------------------------------------------
+
+    def _path(self, what: str, **query: str) -> str:
+        params = "&".join(f"{k}={v}" for k, v in {"fp": self.plan.fingerprint, **query}.items())
+        return f"/allreduce/{self.plan.group.round_id}/{what}?{params}"
+
+    async def _call(self, holder: str, method: str, path: str, body: bytes, timeout: float) -> bytes:
+        self.traffic.sent += len(body)
+        # A peer that cannot even be connected to within the floor is gone;
+        # `timeout` bounds the whole exchange (long-polls included).
+        limits = aiohttp.ClientTimeout(total=timeout, sock_connect=self.config.floor)
+        reply = await self.client.request(
+            method, self.plan.group.address(holder), path, receiver=holder, timeout=limits, body=body
+        )
+        self.traffic.received += len(reply.body)
+        return reply.body
+
+    def _lost(self, holder: str, what: str, exc: Exception) -> None:
+        if holder not in self.unreachable:
+            log.warning("round %s: %s cannot %s %s: %s", self.plan.group.round_id, self.me, what, holder, exc)
+            self.unreachable[holder] = f"{what}: {exc}"
+
+    # -- 1. scatter ----------------------------------------------------------------
+
+    async def scatter(self) -> None:
+        if self.faults.send_delay:
+            await asyncio.sleep(self.faults.send_delay)
+        self.faults.reached("before_send")
+        # Start with the shard after our own: peers then load different holders first.
+        mine = self.plan.members.index(self.me)
+        order = sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
+        slots = asyncio.Semaphore(self.config.max_inflight)
+        delivered = 0
+
+        async def send(sent: int, part: Part) -> None:
+            nonlocal delivered
+            async with slots:
+                piece = self.vector[part.begin : part.end]
+                seed = stochastic_seed(self.plan, self.me, part.index)
+                frame = await asyncio.to_thread(self.plan.codec.encode, piece, seed=seed)
+                frame = self.faults.tamper(sent, frame)
+                await asyncio.gather(*(self._deliver(h, part, frame) for h in self.plan.holders(part.shard)))
+            delivered += 1
+            if delivered == len(order) // 2:
+                self.faults.reached("mid_send")
+
+        await run_all(send(i, part) for i, part in enumerate(order))
+
+    async def _deliver(self, holder: str, part: Part, frame: bytes) -> None:
+        if holder in self.unreachable or holder in self.closed_early:
+            return
+        try:
+            if holder == self.me:
+                await self.holder.receive(self.me, part.index, self.weight, frame, remote=False)
+            else:
+                path = self._path(f"parts/{part.index}", weight=quote(repr(self.weight), safe=""))
+                # The part shares the uplink with up to 2 * max_inflight others.
+                timeout = self.config.wait_bound(2 * self.config.max_inflight * len(frame))
+                await self._call(holder, "POST", path, frame, timeout)
+        except (Refusal, PeerError) as exc:
+            if exc.kind == "Closed":
+                self.closed_early.add(holder)
+            elif exc.kind in ("BadPart", "Excluded"):
+                log.error("round %s: %s refused our part %d: %s", self.plan.group.round_id, holder, part.index, exc)
+            else:
+                self._lost(holder, "send to", exc)
+        except NetError as exc:
+            self._lost(holder, "send to", exc)
+
+    # -- 2. decide -------------------------------------------------------------------
+
+    async def decide(self) -> Decision:
+        # A holder we could not deliver to (dead, or it joined too late) has an
+        # incomplete have-set at best; waiting for it would only delay the round.
+        holders = [h for h in self.plan.active_holders if h not in self.unreachable]
+        answers = await run_all(self._have(h) for h in holders)
+        haves = {h: have for h, have in zip(holders, answers) if have is not None}
+        recorded = [have.decision for have in haves.values() if have.decision is not None]
+        proposal = recorded[0] if recorded else propose(self.plan, haves)
+        decision: Decision | None = None
+        # Every register, in the same (sorted) order on every peer, even one we
+        # could not read: then the first live register is the same for all.
+        for holder in self.plan.active_holders:
+            stored = await self._record(holder, decision or proposal)
+            if stored is None:
+                continue
+            if decision is None:
+                decision = stored  # the first register that answers settles the round
+            elif stored.key != decision.key:
+                raise RoundFailed(
+                    f"holders recorded different decisions ({decision.key} and {stored.key} at {holder}): "
+                    "peers saw different holders alive; the round cannot complete consistently"
+                )
+        if decision is None:
+            raise RoundFailed(f"no holder could record the decision: {self.unreachable}")
+        return decision
+
+    async def _have(self, holder: str) -> HaveSet | None:
+        try:
+            if holder == self.me:
+                return await self.holder.have_set()
+            # The holder answers once it closes: at most its own deadline bound after opening.
+            timeout = self.config.wait_bound(self.plan.expected_bytes(holder)) + self.config.floor
+            body = await self._call(holder, "GET", self._path("have"), b"", timeout)
+            return HaveSet.from_json(json.loads(body))
+        except (Refusal, NetError, ValueError) as exc:
+            self._lost(holder, "read the have-set of", exc)
+            return None
+
+    async def _record(self, holder: str, proposal: Decision) -> Decision | None:
+        try:
+            if holder == self.me:
+                return self.holder.record(proposal)
+            body = json.dumps(proposal.to_json()).encode()
+            reply = await self._call(holder, "POST", self._path("decision"), body, self.config.wait_bound(len(body)))
+            return Decision.from_json(json.loads(reply))
+        except (Refusal, NetError, ValueError) as exc:
+            self._lost(holder, "record the decision at", exc)
+            return None
+
+    # -- 3. gather ---------------------------------------------------------------------
+
+    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[bytes]]:
+        mean = torch.empty(self.plan.numel, dtype=torch.float32)
+        frames: list[bytes] = [b""] * len(self.plan.parts)
+        slots = asyncio.Semaphore(self.config.max_inflight)
+
+        async def fetch(part: Part) -> None:
+            async with slots:
+                problems = []
+                for holder in self._sources(part.shard):
+                    try:
+                        data = await self._result(holder, part, decision)
+                        await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+                    except (Refusal, PeerError) as exc:
+                        if exc.kind == "DecisionMismatch":
+                            raise RoundFailed(str(exc)) from None
+                        problems.append(f"{holder}: {exc}")
+                        continue
+                    except (NetError, CodecError) as exc:
+                        problems.append(f"{holder}: {exc}")
+                        self._lost(holder, "fetch the mean from", exc)
+                        continue
+                    frames[part.index] = data
+                    self.served_by[part.shard].add(holder)
+                    self.served_parts.add(part.index)
+                    return
+                raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}: {'; '.join(problems)}")
+
+        await run_all(fetch(part) for part in self.plan.parts)
+        return mean, frames
+
+    def _sources(self, shard: int) -> list[str]:
+        """Where to fetch a shard: here if we hold it, then owner, then backup; known-dead last."""
+        holders = sorted(self.plan.holders(shard), key=lambda h: h != self.me)
+        return sorted(holders, key=lambda h: h in self.unreachable)
+
+    async def _result(self, holder: str, part: Part, decision: Decision) -> bytes:
+        if holder == self.me:
+            return await self.holder.result(part.index, decision.key)
+        # The holder may still be reducing: everything it holds, at the slowest rate we wait for.
+        timeout = self.config.wait_bound(self.plan.shard_bytes(holder) * self.plan.size)
+        return await self._call(holder, "GET", self._path(f"results/{part.index}", decision=decision.key), b"", timeout)
+
+    async def announce_done(self) -> None:
+        """Tell every other member we fetch nothing more, so they can stop serving early.
+
+        Best effort: a member that does not hear it serves until its bound.
+        """
+
+        async def tell(member: str) -> None:
+            try:
+                await self._call(member, "POST", self._path("done"), b"", self.config.wait_bound(0))
+            except NetError as exc:
+                log.debug("round %s: %s did not take our done: %s", self.plan.group.round_id, member, exc)
+
+        await asyncio.gather(*(tell(m) for m in self.plan.members if m != self.me))
+
+    # -- report ---------------------------------------------------------------------------
+
+    def report(self, duration: float, error: str | None = None) -> AllReduceReport:
+        decision = self.decision
+        shards = []
+        for s, (begin, end) in enumerate(self.plan.shards):
+            owner, backup = self.plan.members[s], self.plan.members[(s + 1) % self.plan.size]
+            complete = all(p in self.served_parts for p in self.plan.shard_parts[s])
+            shards.append(ShardReport(s, begin, end, owner, backup, sorted(self.served_by[s]), complete))
+        return AllReduceReport(
+            round_id=self.plan.group.round_id,
+            peer=self.me,
+            fingerprint=self.plan.fingerprint,
+            codec=str(self.plan.codec),
+            numel=self.plan.numel,
+            contributors=dict(decision.contributors) if decision else {},
+            excluded=dict(decision.excluded) if decision else {},
+            shards=shards,
+            unreachable=dict(self.unreachable),
+            decision=decision.key if decision else None,
+            started_at=self.started_at,
+            bytes_sent=self.traffic.sent,
+            bytes_received=self.traffic.received,
+            duration=duration,
+            phases=dict(self.timings),
+            error=error,
+        )

@@ -1,0 +1,73 @@
+"""Timing and size knobs of the all-reduce, with defaults for peers on home links.
+
+Every deadline in a round is `floor + slack * bytes / throughput`: the bytes
+are known exactly from the plan, the throughput is measured while parts
+arrive and never assumed below `min_throughput`. Nothing else waits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from iota.allreduce.errors import GroupError
+
+
+@dataclass(frozen=True)
+class AllReduceConfig:
+    """How a peer paces and bounds a round.
+
+    `part_bytes`: wire bytes per streamed part (its frame, give or take a
+    header; at least one quantization block). Sized in bytes, not values, so
+    a compressed part costs as many requests per byte as a raw one. Each part
+    is one signed request, and btauth/1 refuses a request older than 10 s on
+    arrival, so a part must cross in well under that even when it shares the
+    uplink with `2 * max_inflight` others at `min_throughput`:
+    1 MiB * 4 / 1 MB/s = 4 s with the defaults.
+
+    `max_inflight`: parts encoded and in flight at once; each goes to two
+    holders, so a peer holds at most this many encoded parts in memory.
+
+    `floor` (seconds): the least any wait lasts. It covers what does not scale
+    with bytes: connection setup, scheduling, a GC pause, and peers joining a
+    round at slightly different moments (a holder holds early parts this long
+    for a round it has not joined yet).
+
+    `slack`: how many times the expected transfer time a holder waits before
+    it gives up on a sender that has not delivered everything.
+
+    `min_throughput` (bytes/s): the slowest link a round waits for. Before
+    anything is measured, and as a lower bound on what is measured, it caps
+    every deadline at `floor + slack * bytes / min_throughput`.
+    """
+
+    part_bytes: int = 1 << 20
+    max_inflight: int = 2
+    floor: float = 2.0
+    slack: float = 3.0
+    min_throughput: float = 1e6
+
+    def __post_init__(self) -> None:
+        for name in ("part_bytes", "max_inflight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise GroupError(f"AllReduceConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("floor", "slack", "min_throughput"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise GroupError(f"AllReduceConfig.{name} must be a positive finite number, got {value!r}")
+
+    def wait_bound(self, nbytes: int) -> float:
+        """The longest anything moving or processing `nbytes` may take, in seconds."""
+        return self.floor + self.slack * nbytes / self.min_throughput
+
+    def deadline(self, expected: int, received: int, active: float) -> float:
+        """Seconds after opening a round at which a holder stops waiting for `expected` bytes.
+
+        `received` bytes arrived over `active` seconds since the round opened;
+        that rate, never below `min_throughput`, predicts how long all of
+        `expected` takes. A sender that died stops adding bytes, so the
+        deadline stays put instead of growing with the wait.
+        """
+        rate = received / active if received > 0 and active > 0 else 0.0
+        return self.floor + self.slack * expected / max(rate, self.min_throughput)

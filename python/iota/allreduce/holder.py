@@ -1,0 +1,294 @@
+"""The holder role: keep every sender's parts of the shards this peer owns or
+backs up, close at the deadline, record the decision once, serve the mean.
+
+Holders keep frames, not a running sum, so a sender can still be dropped
+after its parts arrived (because they did not reach the other holder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from iota.allreduce.config import AllReduceConfig
+from iota.allreduce.decision import Decision, HaveSet
+from iota.allreduce.faults import Faults
+from iota.allreduce.group import Part, RoundPlan
+from iota.codec import Codec
+from iota.errors import CodecError, IotaError
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(IotaError):
+    """Why a holder will not take or serve something; sent as an HTTP error."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(f"{status} {kind}: {detail}")
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass
+class Traffic:
+    """Body bytes this peer moved for one round, as client and as server."""
+
+    sent: int = 0
+    received: int = 0
+
+
+def stochastic_seed(plan: RoundPlan, who: str, part: int) -> int | None:
+    """A per-round, per-sender, per-part seed for stochastic rounding.
+
+    One seed for everyone would round every sender's values the same way at
+    the same index, and the noise would add up instead of averaging out.
+    """
+    if not plan.codec.stochastic:
+        return None
+    material = f"{plan.codec.seed}/{plan.fingerprint}/{who}/{part}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
+
+
+def check_frame(frame: bytes, part: Part, codec: Codec) -> str:
+    """Validate a received part (checksum, shape, codec) and return its digest."""
+    header = Codec.header(frame)  # FrameError on a bad checksum or a truncated frame
+    expected = codec.header_fields()
+    got = {key: header[key] for key in ("kind", "bits", "block", "flags")}
+    if got != {key: expected[key] for key in got}:
+        raise CodecError(f"part {part.index} is encoded as {got}, the round uses {codec}")
+    if header["dtype"] != 0 or tuple(header["shape"]) != (part.end - part.begin,):
+        raise CodecError(
+            f"part {part.index} has shape {tuple(header['shape'])} (dtype code {header['dtype']}); "
+            f"expected ({part.end - part.begin},) float32"
+        )
+    return hashlib.sha256(frame).hexdigest()
+
+
+def reduce_part(codec: Codec, inputs: list[tuple[bytes, float]], numel: int, seed: int | None) -> bytes:
+    """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec."""
+    acc = torch.zeros(numel, dtype=torch.float32)
+    for frame, weight in inputs:
+        Codec.decode_accumulate(frame, acc, weight)
+    return codec.encode(acc, seed=seed)
+
+
+class HolderRound:
+    """This peer's holder state for one round."""
+
+    def __init__(self, plan: RoundPlan, me: str, config: AllReduceConfig, faults: Faults) -> None:
+        self.plan = plan
+        self.me = me
+        self.config = config
+        self.faults = faults
+        self.shards = plan.held_by(me)
+        self.parts = plan.held_parts(me)
+        self.held = frozenset(self.parts)
+        self.traffic = Traffic()
+        self.frames: dict[int, dict[str, bytes]] = {p: {} for p in self.parts}
+        self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
+        self.weights: dict[str, float] = {}
+        self.bad: dict[str, str] = {}
+        self.have: HaveSet | None = None
+        self.decision: Decision | None = None
+        self.results: dict[int, bytes] = {}
+        self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
+        self.opened = time.monotonic()
+        self._received = 0
+        self._last_arrival = self.opened
+        self._arrival = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._decided = asyncio.Event()
+        self._ready = {p: asyncio.Event() for p in self.parts}
+        self._done: set[str] = set()
+        self._all_done = asyncio.Event()
+        self._tasks = [asyncio.get_running_loop().create_task(self._close_when_due())]
+
+    # -- receiving ---------------------------------------------------------
+
+    async def receive(self, sender: str, part: int, weight: float, frame: bytes, *, remote: bool) -> None:
+        """Keep `sender`'s frame of `part`; a bad one excludes the sender from the round."""
+        if self.have is not None:
+            raise Refusal(409, "Closed", f"{self.me} closed round {self.plan.group.round_id} already")
+        if sender in self.bad:
+            raise Refusal(400, "Excluded", f"{sender} is excluded from this round: {self.bad[sender]}")
+        if part not in self.held:
+            raise Refusal(400, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
+        if not (math.isfinite(weight) and weight > 0):
+            self._exclude(sender, f"weight {weight!r} is not a positive finite number")
+        elif self.weights.setdefault(sender, weight) != weight:
+            self._exclude(sender, f"weight changed from {self.weights[sender]!r} to {weight!r}")
+        if sender in self.bad:
+            raise Refusal(400, "BadPart", self.bad[sender])
+        try:
+            digest = await asyncio.to_thread(check_frame, frame, self.plan.parts[part], self.plan.codec)
+            problem = None
+        except CodecError as exc:  # FrameError included
+            digest, problem = "", f"part {part}: {exc}"
+        if self.have is not None:  # closed while the frame was being checked: the have-set is final
+            raise Refusal(409, "Closed", f"{self.me} closed round {self.plan.group.round_id} already")
+        if problem is not None:
+            self._exclude(sender, problem)
+            raise Refusal(400, "BadPart", self.bad[sender])
+        if sender in self.bad or sender in self.frames[part]:
+            return  # a duplicate keeps the first copy; an excluded sender's frame is dropped
+        self.frames[part][sender] = frame
+        self.digests[part][sender] = digest
+        if remote:
+            self._received += len(frame)
+            self._last_arrival = time.monotonic()
+        self._arrival.set()
+
+    def _exclude(self, sender: str, reason: str) -> None:
+        log.warning("round %s: excluding %s: %s", self.plan.group.round_id, sender, reason)
+        self.bad.setdefault(sender, reason)
+        for frames in self.frames.values():
+            frames.pop(sender, None)
+        self._arrival.set()
+
+    def _all_in(self) -> bool:
+        expected = set(self.plan.members) - set(self.bad)
+        return all(expected <= set(frames) for frames in self.frames.values())
+
+    # -- closing -------------------------------------------------------------
+
+    async def _close_when_due(self) -> None:
+        while self.have is None and not self._all_in():
+            deadline = self.opened + self.config.deadline(
+                self.plan.expected_bytes(self.me), self._received, self._last_arrival - self.opened
+            )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """Freeze the have-set: from now on no part is taken."""
+        if self.have is not None:
+            return
+        shards: dict[int, dict[str, str]] = {}
+        for shard in self.shards:
+            parts = self.plan.shard_parts[shard]
+            complete = set.intersection(*(set(self.frames[p]) for p in parts)) - set(self.bad)
+            shards[shard] = {
+                sender: hashlib.sha256("".join(self.digests[p][sender] for p in parts).encode()).hexdigest()[:32]
+                for sender in sorted(complete)
+            }
+        self.have = HaveSet(shards, dict(self.weights), dict(self.bad), None)
+        elapsed = time.monotonic() - self.opened
+        log.info("round %s: %s closed after %.2fs with %s", self.plan.group.round_id, self.me, elapsed,
+                 {s: len(d) for s, d in shards.items()})
+        self._closed.set()
+
+    async def have_set(self) -> HaveSet:
+        """The frozen have-set (waiting for the close), with the decision if recorded."""
+        try:
+            await asyncio.wait_for(self._closed.wait(), self.config.wait_bound(self.plan.expected_bytes(self.me)))
+        except asyncio.TimeoutError:
+            raise Refusal(503, "NotClosed", f"{self.me} has not closed round {self.plan.group.round_id}") from None
+        assert self.have is not None
+        return HaveSet(self.have.shards, self.have.weights, self.have.bad, self.decision)
+
+    # -- deciding and reducing -------------------------------------------------
+
+    def record(self, proposal: Decision) -> Decision:
+        """Write-once register: the first decision stays; every caller gets it back."""
+        if self.decision is None:
+            self.close()
+            self.decision = proposal
+            self._decided.set()
+            self.faults.reached("after_decision")
+            self._tasks.append(asyncio.get_running_loop().create_task(self._reduce()))
+        return self.decision
+
+    async def _reduce(self) -> None:
+        """Reduce every held part under the decision, the owned shard first (everyone
+        fetches it); each part can be served as soon as it is done."""
+        assert self.decision is not None and self.have is not None
+        order = sorted(self.decision.contributors)
+        total = math.fsum(self.decision.contributors[s] for s in order)
+        owned_first = sorted(self.shards, key=lambda s: self.plan.members[s] != self.me)
+        try:
+            for shard in owned_first:
+                missing = [
+                    sender
+                    for sender in order
+                    if self.have.shards[shard].get(sender) != self.decision.digests[shard].get(sender)
+                ]
+                if missing:
+                    # The other holder has them; this one must not serve a different mean.
+                    self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
+                    continue
+                for p in self.plan.shard_parts[shard]:
+                    inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
+                    part = self.plan.parts[p]
+                    seed = stochastic_seed(self.plan, "mean", p)
+                    self.results[p] = await asyncio.to_thread(
+                        reduce_part, self.plan.codec, inputs, part.end - part.begin, seed
+                    )
+                    del self.frames[p]  # the inputs are no longer needed
+                    self._ready[p].set()
+        except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
+            log.error("round %s: %s cannot reduce: %s", self.plan.group.round_id, self.me, exc)
+            for shard in self.shards:
+                self.unservable.setdefault(shard, f"{self.me} failed to reduce: {exc}")
+        finally:
+            self.frames.clear()
+            for ready in self._ready.values():
+                ready.set()
+
+    async def result(self, part: int, key: str) -> bytes:
+        """The mean of `part` under the decision `key` (the caller's)."""
+        if part not in self.held:
+            raise Refusal(404, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
+        bound = self.config.wait_bound(self.plan.shard_bytes(self.me) * self.plan.size)
+        try:
+            await asyncio.wait_for(self._decided.wait(), bound)
+            await asyncio.wait_for(self._ready[part].wait(), bound)
+        except asyncio.TimeoutError:
+            raise Refusal(409, "NotReady", f"{self.me} has no decision or mean for part {part} yet") from None
+        assert self.decision is not None
+        if self.decision.key != key:
+            raise Refusal(
+                409,
+                "DecisionMismatch",
+                f"{self.me} recorded decision {self.decision.key}, not {key}: the round split and cannot complete",
+            )
+        shard = self.plan.parts[part].shard
+        if shard in self.unservable:
+            raise Refusal(409, "Incomplete", self.unservable[shard])
+        return self.results[part]
+
+    def done(self, member: str) -> None:
+        """`member` finished the round (with the mean or without): it fetches nothing more."""
+        self._done.add(member)
+        if set(self.plan.members) - {self.me} <= self._done:
+            self._all_done.set()
+
+    async def linger(self) -> None:
+        """Keep serving after this peer's round ended: until every other member
+        said it is done, or as long as the slowest member the round tolerates
+        could still need (sending all it holds, then fetching it)."""
+        if not self.parts:
+            return
+        handled = self.plan.expected_bytes(self.me) + self.plan.shard_bytes(self.me) * self.plan.size
+        bound = self.config.wait_bound(handled)
+        try:
+            await asyncio.wait_for(self._all_done.wait(), bound)
+        except asyncio.TimeoutError:
+            pass
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,143 @@
+"""`AllReducePeer`: a hotkey that serves its holder role and runs rounds.
+
+    async with AllReducePeer(keypair, chain).serving("0.0.0.0", 8123) as peer:
+        result = await peer.allreduce(group, flat_fp32, weight=tokens_seen, codec=Codec.from_string("int8/b64"))
+        result.mean, result.report.contributors
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import aiohttp
+import torch
+from bittensor.signing import resolve_signer
+
+from iota.allreduce.butterfly import ButterflyRound
+from iota.allreduce.config import AllReduceConfig
+from iota.allreduce.errors import GroupError
+from iota.allreduce.faults import Faults
+from iota.allreduce.group import Group, RoundPlan
+from iota.allreduce.holder import HolderRound, Traffic
+from iota.allreduce.result import AllReduceResult
+from iota.allreduce.server import Rounds, holder_app
+from iota.chain import Chain
+from iota.codec import Codec
+from iota.net import GuardConfig, SignedClient, serve
+
+if TYPE_CHECKING:
+    from bittensor.signing import WalletLike
+
+
+class AllReducePeer:
+    """Serves the holder routes for `wallet`'s hotkey and runs rounds as that hotkey.
+
+    `faults` makes this peer misbehave on purpose (chaos tests only).
+    """
+
+    def __init__(
+        self,
+        wallet: WalletLike,
+        chain: Chain,
+        config: AllReduceConfig | None = None,
+        *,
+        guard: GuardConfig | None = None,
+        faults: Faults | None = None,
+    ) -> None:
+        self.signer = resolve_signer(wallet, role="hotkey")
+        self.hotkey: str = self.signer.ss58_address
+        self.chain = chain
+        self.config = config or AllReduceConfig()
+        self.guard = guard or GuardConfig()
+        self.faults = faults or Faults()
+        self.address: str | None = None
+        self._client: SignedClient | None = None
+        self._rounds: Rounds | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        # Two integers per round for the peer's lifetime; they keep growing
+        # after a round returns, while others fetch the mean from here.
+        self._traffic: dict[str, Traffic] = {}
+
+    @asynccontextmanager
+    async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[AllReducePeer]:
+        """Serve on host:port (0: any free port; see `address`) until the block exits."""
+        self._rounds = Rounds(self.config)
+        app = holder_app(self.hotkey, self.chain, self._rounds, self.config, self.guard)
+        async with (
+            serve(app, host, port, shutdown_timeout=self.config.floor) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            self.address = url
+            self._client = SignedClient(self.signer, session, chunk_size=self.guard.chunk_size)
+            try:
+                yield self
+            finally:
+                for task in self._retiring:
+                    task.cancel()
+                await asyncio.gather(*self._retiring, return_exceptions=True)
+                self._client = None
+                self.address = None
+
+    async def allreduce(self, group: Group, vector: torch.Tensor, weight: float, codec: Codec) -> AllReduceResult:
+        """The weighted mean of the members' `vector`s, identical on every peer that completes.
+
+        `vector` is this peer's flat float32 CPU tensor (same length on every
+        peer), `weight` its positive weight in the mean. Raises AllReduceError,
+        with a report, if the round cannot complete consistently.
+        """
+        started = time.monotonic()
+        if self._client is None or self._rounds is None:
+            raise GroupError("AllReducePeer.allreduce runs inside `async with peer.serving(...)`")
+        if self.hotkey not in group.hotkeys:
+            raise GroupError(f"{self.hotkey} is not a member of round {group.round_id}")
+        if not (isinstance(vector, torch.Tensor) and vector.dtype == torch.float32 and vector.dim() == 1):
+            raise GroupError("the vector must be a 1-D float32 torch tensor (flatten the parameters first)")
+        if vector.device.type != "cpu":
+            raise GroupError(f"the vector must be on the CPU, not {vector.device}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise GroupError(f"weight must be a positive finite number, got {weight!r}")
+        vector = vector.contiguous()
+        # A sum is one fast pass and is finite unless some value is not (or it
+        # overflowed: then look closer); torch.isfinite is 20x slower.
+        finite = math.isfinite(float(vector.sum())) or bool(torch.isfinite(vector).all())
+        if not (finite or codec.allow_nonfinite):
+            raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
+        plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
+        holder = HolderRound(plan, self.hotkey, self.config, self.faults)
+        try:
+            self._rounds.open(holder)
+        except GroupError:
+            holder.stop()
+            raise
+        self._traffic[group.round_id] = holder.traffic
+        runner = ButterflyRound(plan, holder, self._client, self.config, self.faults, vector, float(weight))
+        try:
+            return await runner.run(started)
+        finally:
+            task = asyncio.get_running_loop().create_task(self._retire(holder, runner))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, holder: HolderRound, runner: ButterflyRound) -> None:
+        # Others may still be fetching from us: serve until they are done.
+        try:
+            await asyncio.gather(runner.announce_done(), holder.linger())
+        finally:
+            holder.stop()
+            if self._rounds is not None:
+                self._rounds.drop(holder.plan.group.round_id)
+
+    def traffic(self, round_id: str) -> dict[str, int]:
+        """Body bytes sent and received in a round so far, serving included."""
+        traffic = self._traffic[round_id]
+        return {"sent": traffic.sent, "received": traffic.received}
+
+    async def drain(self) -> None:
+        """Wait until every finished round stopped serving (others fetched from us, or had their chance)."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)

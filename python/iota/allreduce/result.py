@@ -1,0 +1,87 @@
+"""What a round produced, and what it says about itself."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """One shard: its range, holders, and which holder(s) served it to this peer.
+
+    `complete` is True when every part of the shard reached this peer under
+    the round's decision (so it holds exactly the contributors' parts); when
+    a round fails, the shards not complete are what it lacked.
+    """
+
+    index: int
+    begin: int
+    end: int
+    owner: str
+    backup: str
+    served_by: list[str]
+    complete: bool
+
+
+@dataclass
+class AllReduceReport:
+    """Everything a peer can say about a round, whether it completed or not.
+
+    `contributors` maps each hotkey whose contribution is in the mean to its
+    weight (empty if the round failed before deciding); `excluded` says why
+    every other member is out; `unreachable` lists holders this peer could
+    not use and why. Byte counts are request and response bodies (HTTP
+    headers not included) this peer sent and received, as client and server,
+    up to the moment the report was made. `phases` has the seconds spent
+    scattering parts, deciding and gathering the mean, as far as it got.
+    """
+
+    round_id: str
+    peer: str
+    fingerprint: str
+    codec: str
+    numel: int
+    contributors: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    shards: list[ShardReport] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    decision: str | None = None
+    started_at: float = 0.0  # wall clock (time.time()) when the peer joined the round
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    duration: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AllReduceResult:
+    """The weighted mean (decoded, fp32) and the frames it was decoded from.
+
+    `frames` are the codec-encoded parts of the mean, in vector order: the
+    same bytes on every peer that completed the round.
+    """
+
+    mean: torch.Tensor
+    frames: list[bytes]
+    report: AllReduceReport
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the encoded mean: equal digests, equal results."""
+        h = hashlib.sha256()
+        for frame in self.frames:
+            h.update(frame)
+        return h.hexdigest()
+
+    @property
+    def contributors(self) -> dict[str, float]:
+        return self.report.contributors

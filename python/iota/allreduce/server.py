@@ -1,0 +1,162 @@
+"""The holder routes every peer serves, on a signed app (btauth/1, registered hotkeys only).
+
+    POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
+    GET  /allreduce/{round}/have?fp=                   the closed have-set (waits for the close)
+    POST /allreduce/{round}/decision?fp=               write-once contributor decision (JSON)
+    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
+    POST /allreduce/{round}/done?fp=                   the sender fetches nothing more (holders may let go)
+
+`fp` is the round plan's fingerprint: a peer whose view of the round
+differs (members, bandwidths, length, codec, part size) is refused rather
+than mixed in. Only members of the round get past the lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+
+from iota.allreduce.config import AllReduceConfig
+from iota.allreduce.decision import Decision
+from iota.allreduce.errors import GroupError
+from iota.allreduce.holder import HolderRound, Refusal
+from iota.chain import Chain
+from iota.codec import Codec
+from iota.net import GuardConfig, bytes_response, json_error, request_body, request_sender, route_policy, signed_app
+
+MAX_BLOCK = 4096  # the largest quantization block a codec accepts
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+class Rounds:
+    """The rounds this peer holds, by id."""
+
+    def __init__(self, config: AllReduceConfig) -> None:
+        self.config = config
+        self._rounds: dict[str, HolderRound] = {}
+        self._opened = asyncio.Event()
+
+    def open(self, holder: HolderRound) -> None:
+        round_id = holder.plan.group.round_id
+        if round_id in self._rounds:
+            raise GroupError(f"round {round_id} is already running on this peer; give every round a new id")
+        self._rounds[round_id] = holder
+        # Wake every request waiting for a round to open; they re-check their id.
+        self._opened.set()
+        self._opened = asyncio.Event()
+
+    def drop(self, round_id: str) -> None:
+        self._rounds.pop(round_id, None)
+
+    async def lookup(self, round_id: str, fingerprint: str, sender: str, *, wait: bool = True) -> HolderRound:
+        """The open round `round_id` as `sender`, a member with the same plan, sees it.
+
+        Peers join a round at slightly different moments, so a request for a
+        round not open yet waits up to `floor` seconds for it (if `wait`).
+        """
+        deadline = time.monotonic() + (self.config.floor if wait else 0.0)
+        while (holder := self._rounds.get(round_id)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Refusal(425, "RoundNotOpen", f"round {round_id} is not open on this peer")
+            try:
+                await asyncio.wait_for(self._opened.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        if sender not in holder.plan.members:
+            raise Refusal(403, "NotMember", f"{sender} is not a member of round {round_id}")
+        if holder.plan.fingerprint != fingerprint:
+            raise Refusal(
+                409,
+                "GroupMismatch",
+                f"round {round_id} here has plan {holder.plan.fingerprint}, the request {fingerprint}: "
+                "the peers disagree on members, bandwidths, vector length, codec or part size",
+            )
+        return holder
+
+
+def holder_app(
+    hotkey: str, chain: Chain, rounds: Rounds, config: AllReduceConfig, guard: GuardConfig | None = None
+) -> web.Application:
+    """The signed aiohttp app serving this peer's holder role in every open round."""
+    guard = guard or GuardConfig()
+    # A part is about part_bytes, or one block when that is larger (blocks
+    # hold at most MAX_BLOCK values, and raw fp32 is the widest encoding).
+    largest_part = config.part_bytes + Codec(kind="raw").frame_size((MAX_BLOCK,))
+
+    def answer(
+        handler: Callable[[web.Request, HolderRound, str], Awaitable[web.StreamResponse]], *, wait: bool = True
+    ) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            sender = request_sender(request).hotkey
+            try:
+                round_id, fingerprint = request.match_info["round"], request.query.get("fp", "")
+                holder = await rounds.lookup(round_id, fingerprint, sender, wait=wait)
+                holder.traffic.received += len(request_body(request))
+                return await handler(request, holder, sender)
+            except Refusal as refusal:
+                return json_error(refusal.status, refusal.kind, refusal.detail)
+
+        return wrapped
+
+    def param(request: web.Request, name: str, kind: Callable[[str], T]) -> T:
+        raw = request.match_info.get(name, request.query.get(name))
+        try:
+            return kind(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            detail = f"{request.path}: {name}={raw!r} is missing or not a {kind.__name__}"
+            raise Refusal(400, "BadRequest", detail) from None
+
+    def reply_json(holder: HolderRound, payload: object) -> web.Response:
+        body = json.dumps(payload).encode()
+        holder.traffic.sent += len(body)
+        return web.Response(body=body, content_type="application/json")
+
+    @route_policy(max_body=largest_part)
+    @answer
+    async def post_part(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        part, weight = param(request, "part", int), param(request, "weight", float)
+        await holder.receive(sender, part, weight, request_body(request), remote=True)
+        return web.Response(status=204)
+
+    @route_policy(max_body=0)
+    @answer
+    async def get_have(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        return reply_json(holder, (await holder.have_set()).to_json())
+
+    @route_policy()
+    @answer
+    async def post_decision(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        try:
+            proposal = Decision.from_json(json.loads(request_body(request)))
+        except ValueError as exc:  # json.JSONDecodeError included
+            raise Refusal(400, "BadRequest", f"not a decision: {exc}") from None
+        return reply_json(holder, holder.record(proposal).to_json())
+
+    @route_policy(max_body=0)
+    @answer
+    async def get_result(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        data = await holder.result(param(request, "part", int), param(request, "decision", str))
+        holder.traffic.sent += len(data)
+        return await bytes_response(request, data, chunk_size=guard.chunk_size)
+
+    async def done(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        holder.done(sender)
+        return web.Response(status=204)
+
+    # A round already let go of has nothing to release: no waiting for it.
+    post_done = route_policy(max_body=0)(answer(done, wait=False))
+
+    app = signed_app(hotkey, chain, guard)
+    app.router.add_post("/allreduce/{round}/parts/{part}", post_part)
+    app.router.add_get("/allreduce/{round}/have", get_have)
+    app.router.add_post("/allreduce/{round}/decision", post_decision)
+    app.router.add_get("/allreduce/{round}/results/{part}", get_result)
+    app.router.add_post("/allreduce/{round}/done", post_done)
+    return app

@@ -1,0 +1,131 @@
+"""A peer in its own process, for tests and benchmarks:
+
+    python -m iota.allreduce.worker CONFIG.json
+
+CONFIG is JSON:
+    name     dev key name (the hotkey is iota.chain.dev_keypair(name))
+    chain    a LocalChain file (LocalChain.save) that registers every peer
+    dir      where the peer writes `{name}.address` once it serves, waits for
+             `group.json` ({"members": [{"hotkey", "address", "bandwidth"}]}),
+             and appends one JSON line per round to `{name}.results.jsonl`
+    wait     seconds to wait for group.json before giving up
+    rounds   [{"round_id", "numel", "seed", "weight", "codec"}]: the vector is
+             synthetic_vector(numel, seed)
+    config   AllReduceConfig fields (optional)
+    faults   Faults fields (optional)
+    save_means  if true, also write each mean as raw float32 to
+             `{name}.{round_id}.f32` (tests compare it with the exact mean)
+
+Each result line holds the round id, `ok`, the sha256 of the mean's bytes and
+of its frames, and the report. After the last round the peer keeps serving
+until the others had their chance to fetch from it, then writes a line with
+the final byte counts per round and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iota.allreduce.config import AllReduceConfig
+from iota.allreduce.errors import AllReduceError
+from iota.allreduce.faults import Faults
+from iota.allreduce.group import Group, Member
+from iota.allreduce.peer import AllReducePeer
+from iota.chain import LocalChain, dev_keypair
+from iota.codec import Codec
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_vector(numel: int, seed: int) -> torch.Tensor:
+    """A peer's test vector: standard normal values from a seeded generator."""
+    return torch.randn(numel, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def wait_for_file(path: Path, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        await asyncio.sleep(0.01)
+    return json.loads(path.read_text())
+
+
+async def run(spec: dict[str, Any]) -> None:
+    directory = Path(spec["dir"])
+    name = spec["name"]
+    chain = LocalChain.load(spec["chain"])
+    peer = AllReducePeer(
+        dev_keypair(name),
+        chain,
+        AllReduceConfig(**spec.get("config", {})),
+        faults=Faults(**spec.get("faults", {})),
+    )
+    results = directory / f"{name}.results.jsonl"
+    async with peer.serving("127.0.0.1", 0):
+        write_atomic(directory / f"{name}.address", json.dumps({"hotkey": peer.hotkey, "address": peer.address}))
+        members = (await wait_for_file(directory / "group.json", spec["wait"]))["members"]
+        reports = {}
+        vectors: dict[tuple[int, int], torch.Tensor] = {}
+        for round_spec in spec["rounds"]:
+            group = Group(round_spec["round_id"], tuple(Member(**m) for m in members))
+            key = (round_spec["numel"], round_spec["seed"])
+            if key not in vectors:  # rounds often repeat a vector: make it once, keep only the last
+                vectors = {key: synthetic_vector(*key)}
+            vector = vectors[key]
+            codec = Codec.from_string(round_spec["codec"])
+            line: dict[str, Any] = {"round_id": group.round_id}
+            try:
+                result = await peer.allreduce(group, vector, round_spec["weight"], codec)
+            except AllReduceError as exc:
+                line.update(ok=False, error=str(exc), report=exc.report.to_json())
+                reports[group.round_id] = exc.report
+            else:
+                line.update(
+                    ok=True,
+                    mean_sha256=hashlib.sha256(result.mean.numpy().tobytes()).hexdigest(),
+                    frames_sha256=result.digest,
+                    report=result.report.to_json(),
+                )
+                reports[group.round_id] = result.report
+                if spec.get("save_means"):
+                    (directory / f"{name}.{group.round_id}.f32").write_bytes(result.mean.numpy().tobytes())
+            with results.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        await peer.drain()
+        traffic = {round_id: peer.traffic(round_id) for round_id in reports}
+        with results.open("a") as f:
+            f.write(json.dumps({"drained": True, "traffic": traffic}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="path of the peer's JSON config")
+    args = parser.parse_args(argv)
+    run_from_file(args.config)
+
+
+def run_from_file(path: str) -> None:
+    """Entry point for a child process (multiprocessing target or CLI)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
+    asyncio.run(run(json.loads(Path(path).read_text())))
+
+
+if __name__ == "__main__":
+    main()
