@@ -64,6 +64,7 @@ def ablations(dim: int) -> list[Preset]:
         Preset("128x", dim // 32, "int4/b256", "int4/b256/stochastic/fp32scale"),
         Preset("128x-ternary", dim // 16, "int2/b256", "int2/b256/stochastic/fp32scale"),
         Preset("256x", dim // 64, "int4/b256", "int4/b256/stochastic/fp32scale"),
+        Preset("128x+reembed+orthogonal", dim // 32, "int4/b256", "int4/b256/stochastic/fp32scale", "orthogonal", True),
         # The same forward traffic with finer (int8) gradients on the way back.
         Preset("128x+reembed+int8grad", dim // 32, "int4/b256", "int8/b256/stochastic/fp32scale", reembed=True),
     ]
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--noise-seeds", type=int, default=2, help="extra seeds of the uncompressed run")
+    parser.add_argument("--preset-seeds", type=int, default=0, help="extra seeds of every chosen compressed preset")
     parser.add_argument("--only", nargs="*", help="preset names to run (default: the sweep)")
     parser.add_argument("--ablations", action="store_true", help="also run the alternative presets")
     parser.add_argument("--out", default=str(RESULTS))
@@ -136,6 +138,7 @@ def main() -> None:
     done = {(r["preset"], r["seed"]) for r in rows}
     baseline = presets(cfg.dim)[0]
     jobs = [(p, 0) for p in chosen] + [(baseline, s) for s in range(1, 1 + args.noise_seeds)]
+    jobs += [(p, s) for p in chosen if p.width for s in range(1, 1 + args.preset_seeds)]
     jobs = [(p, s) for p, s in jobs if (p.name, s) not in done]
     print(json.dumps({"setup": setup}), flush=True)
     start = time.perf_counter()
@@ -184,6 +187,11 @@ def summarize(rows: list[dict], seconds: float, setup: dict) -> str:
             f"{r['forward_ratio']:.1f} | {r['backward_ratio']:.1f} | {r['ratio']:.1f} | {bpt['forward']:.1f} | "
             f"{bpt['backward']:.1f} | {r['final_val_loss']:.4f} | {100 * rel:+.2f}% | {r['seconds']:.0f}s |"
         )
+    repeats = [r for r in rows if r["seed"] != 0 and r["width"]]
+    if repeats:
+        lines += ["", "Other seeds of compressed presets: " + "; ".join(
+            f"{r['preset']} seed {r['seed']}: {r['final_val_loss']:.4f} ({100 * (r['final_val_loss'] / ref - 1):+.2f}%)"
+            for r in repeats) + "."]
     compressed = [(ratio, name) for ratio, name in within if ratio > 1.5]
     if compressed:
         ratio, name = max(compressed)
