@@ -107,7 +107,6 @@ def main() -> None:
                         help="keep the runs already in the results file (same setup) and run only missing presets")
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
         cfg = ModelConfig(vocab_size=257, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
         batch, seq, steps, stages = 8, 64, args.steps or 150, 3
