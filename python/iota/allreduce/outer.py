@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import safetensors.torch
 import torch
 
 from iota.allreduce.errors import GroupError
@@ -85,6 +86,25 @@ class OuterNesterov:
         self.momentum_buffer = torch.as_tensor(state["momentum_buffer"]).clone()
         self.lr = float(state["lr"])  # type: ignore[arg-type]
         self.momentum = float(state["momentum"])  # type: ignore[arg-type]
+
+    def to_bytes(self) -> bytes:
+        """Weights and momentum as safetensors bytes: the same bytes on every miner that holds the same state."""
+        return safetensors.torch.save({"weights": self.weights, "momentum_buffer": self.momentum_buffer})
+
+    def load_bytes(self, data: bytes) -> None:
+        """Take weights and momentum from `to_bytes` output (of the same length as ours)."""
+        try:
+            state = safetensors.torch.load(bytes(data))
+            weights, momentum = state["weights"], state["momentum_buffer"]
+        except Exception as exc:  # safetensors raises its own untyped errors on bad input
+            raise GroupError(f"not an outer-optimizer state: {exc}") from None
+        for name, tensor in (("weights", weights), ("momentum", momentum)):
+            if tensor.dtype != torch.float32 or tensor.shape != self.weights.shape:
+                raise GroupError(
+                    f"outer {name} have shape {tuple(tensor.shape)} {tensor.dtype}; "
+                    f"this stage needs {tuple(self.weights.shape)} float32"
+                )
+        self.weights, self.momentum_buffer = weights.clone(), momentum.clone()
 
 
 async def diloco_round(

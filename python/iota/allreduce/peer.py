@@ -137,6 +137,10 @@ class AllReducePeer:
         traffic = self._traffic[round_id]
         return {"sent": traffic.sent, "received": traffic.received}
 
+    def bytes_sent(self) -> int:
+        """Body bytes sent over all rounds so far, serving included."""
+        return sum(traffic.sent for traffic in self._traffic.values())
+
     async def drain(self) -> None:
         """Wait until every finished round stopped serving (others fetched from us, or had their chance)."""
         while self._retiring:

@@ -4,6 +4,7 @@ from iota.net.client import DEFAULT_MAX_RESPONSE, Reply, SignedClient
 from iota.net.errors import BodyTooLarge, NetError, PeerError
 from iota.net.guard import (
     GuardConfig,
+    JsonHTTPError,
     RequestGuard,
     RoutePolicy,
     json_error,
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE",
     "BodyTooLarge",
     "GuardConfig",
+    "JsonHTTPError",
     "NetError",
     "PeerError",
     "ReplayCache",

@@ -17,6 +17,7 @@ a forgotten policy fails closed.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -86,6 +87,14 @@ class GuardConfig:
 def json_error(status: int, kind: str, detail: str) -> web.Response:
     """The JSON error response every iota server sends: {"error": kind, "detail": detail}."""
     return web.json_response({"error": kind, "detail": detail}, status=status)
+
+
+class JsonHTTPError(web.HTTPException):
+    """Raise from a handler (at any depth) to answer with iota's JSON error body."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": kind, "detail": detail}), content_type="application/json")
 
 
 def request_sender(request: web.Request) -> Neuron:

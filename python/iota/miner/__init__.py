@@ -1,0 +1,1 @@
+"""Miners: serve one pipeline stage (forward, backward, local steps, merges)."""

@@ -1,0 +1,193 @@
+"""The compute of one miner: its stage's forward and backward passes on
+frames, local AdamW steps, and the global (merged) weights it started from.
+
+Synchronous and single-threaded on purpose: the miner runs one call at a
+time off its event loop, so a forward never races a backward or a merge.
+
+Backward passes are exact: a forward keeps its input and its autograd graph;
+if the weights changed since (an optimizer step or a merge), the forward is
+recomputed from the kept input under the current weights before the
+backward, because autograd cannot run a graph whose weights were updated
+in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from iota.allreduce import OuterNesterov
+from iota.allreduce.outer import flatten, unflatten_into
+from iota.codec import Codec, FrameError
+from iota.data import TokenDataset
+from iota.errors import IotaError
+from iota.model.recipe import Recipe
+from iota.model.train import TrainConfig, make_optimizer
+
+RAW = Codec.from_string("bf16")
+
+
+class WorkError(IotaError):
+    """A forward or backward request this stage cannot do (bad frame, wrong shape, unknown sample)."""
+
+
+@dataclass
+class Kept:
+    """What a forward keeps until its backward arrives."""
+
+    input: torch.Tensor  # token ids (first stage) or the decoded boundary tensor
+    output: torch.Tensor
+    version: int
+    created: float
+
+
+def frame_seed(sample: int, attempt: int, stage: int, direction: str) -> int:
+    """The stochastic-rounding seed of one crossing: fixed by the work, so anyone can recompute the frame."""
+    digest = hashlib.sha256(f"{sample}/{attempt}/{stage}/{direction}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class StageWorker:
+    """Stage `index` of the recipe's model, trained by this miner."""
+
+    def __init__(self, recipe: Recipe, vocab_size: int, index: int, data: TokenDataset) -> None:
+        self.recipe, self.index, self.data = recipe, index, data
+        self.module = recipe.build(vocab_size)[index]
+        self.module.train()
+        self.params = list(self.module.parameters())
+        self.outer = OuterNesterov(flatten(self.params), lr=recipe.outer_lr, momentum=recipe.outer_momentum)
+        self.inner = TrainConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip)
+        self.optimizer = make_optimizer(self.module, self.inner)
+        compression = recipe.compression_parts()
+        self.forward_codec = compression.forward or RAW
+        self.backward_codec = compression.backward or RAW
+        self.reembed = compression.bottleneck.reembed
+        self.in_width = compression.bottleneck.width or recipe.dim
+        self.kept: dict[tuple[int, int], Kept] = {}
+        self.version = 0  # bumps whenever the weights change
+        self.global_version = -1
+        self.global_digest = ""
+        self.lr = recipe.lr
+        self.pending = 0  # backward passes since the last optimizer step
+        self.samples_since_merge = 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.recipe.stages - 1
+
+    def batch(self, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.batch(sample, self.recipe.batch, self.recipe.seq_len, seed=self.recipe.seed)
+
+    # -- forward and backward ------------------------------------------------------
+
+    def forward(self, sample: int, attempt: int, frame: bytes | None) -> tuple[bytes, float | None]:
+        """Run the stage on a sample.
+
+        Returns (activation frame for the next stage, None), or for the last
+        stage (gradient frame for the previous stage, loss): the last stage
+        does its backward at once.
+        """
+        tokens, targets = self.batch(sample)
+        if self.is_first:
+            x = tokens
+        else:
+            x = self._decode(frame, self.in_width).requires_grad_()
+        extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
+        if self.is_last:
+            loss = self.module(x, targets, **extra)
+            (loss / self.recipe.accumulate).backward()
+            self._after_backward()
+            return self._encode(x.grad, self.backward_codec, sample, attempt, "backward"), float(loss)
+        output = self.module(x, **extra)
+        self.kept[(sample, attempt)] = Kept(x, output, self.version, time.monotonic())
+        return self._encode(output, self.forward_codec, sample, attempt, "forward"), None
+
+    def backward(self, sample: int, attempt: int, frame: bytes) -> bytes | None:
+        """Backward of a kept forward; returns the gradient frame for the previous stage (None on stage 0)."""
+        kept = self.kept.pop((sample, attempt), None)
+        if kept is None:
+            raise WorkError(f"stage {self.index} holds no forward of sample {sample} attempt {attempt} "
+                            "(it expired, or was never run here)")
+        grad = self._decode(frame, kept.output.shape[-1])
+        if grad.shape != kept.output.shape:
+            raise WorkError(f"gradient of shape {tuple(grad.shape)} for an output of shape {tuple(kept.output.shape)}")
+        output, x = kept.output, kept.input
+        if kept.version != self.version:
+            if not self.is_first:
+                x = x.detach().requires_grad_()
+            tokens = self.batch(sample)[0]
+            extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
+            output = self.module(x, **extra)
+        output.backward(grad.to(output.dtype))
+        self._after_backward()
+        if self.is_first:
+            return None
+        return self._encode(x.grad, self.backward_codec, sample, attempt, "backward")
+
+    def forget(self, older_than: float) -> list[tuple[int, int]]:
+        """Drop forwards kept since before `older_than` (monotonic seconds); returns their keys."""
+        stale = [key for key, kept in self.kept.items() if kept.created < older_than]
+        for key in stale:
+            del self.kept[key]
+        return stale
+
+    def drop(self, sample: int, attempt: int) -> None:
+        self.kept.pop((sample, attempt), None)
+
+    def _after_backward(self) -> None:
+        self.pending += 1
+        self.samples_since_merge += 1
+        if self.pending < self.recipe.accumulate:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        torch.nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.version += 1
+
+    def _decode(self, frame: bytes | None, width: int) -> torch.Tensor:
+        shape = (self.recipe.batch, self.recipe.seq_len, width)
+        if frame is None:
+            raise WorkError(f"stage {self.index} needs an input frame")
+        try:
+            tensor = Codec.decode(frame)
+        except FrameError as exc:
+            raise WorkError(f"bad frame: {exc}") from None
+        if tuple(tensor.shape) != shape:
+            raise WorkError(f"stage {self.index} takes frames of shape {shape}, got {tuple(tensor.shape)}")
+        return tensor.float()
+
+    def _encode(self, tensor: torch.Tensor | None, codec: Codec, sample: int, attempt: int, direction: str) -> bytes:
+        assert tensor is not None
+        return codec.encode(tensor.detach().contiguous(), seed=frame_seed(sample, attempt, self.index, direction))
+
+    # -- global weights ------------------------------------------------------------
+
+    def load_global(self, version: int, digest: str, state: bytes) -> None:
+        """Adopt merged weights (joining, or catching up after a merge this miner missed)."""
+        self.outer.load_bytes(state)
+        unflatten_into(self.outer.weights, self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.samples_since_merge = 0
+        self.version += 1
+        self.global_version, self.global_digest = version, digest
+
+    def merged(self, version: int) -> str:
+        """After an outer step changed the weights in place: record the new version; returns its digest."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.samples_since_merge = 0
+        self.version += 1
+        self.global_version = version
+        self.global_digest = hashlib.sha256(self.outer.to_bytes()).hexdigest()
+        return self.global_digest

@@ -1,0 +1,1 @@
+"""Running nodes: `python -m iota.node {local,orchestrator,miner,validator}`."""

@@ -1,0 +1,1 @@
+"""The orchestrator: the swarm's control plane (registry, stage assignment, leases, merge phases, weights)."""
