@@ -233,6 +233,7 @@ class Miner:
                 and path[-1] == request_sender(request).hotkey):
             return json_error(400, "BadRequest", "path and route must list the previous stages' miners, "
                                                  "ending with the sender")
+        self._check_frame(worker, frame, "forward")
         if self.forward_waiting >= self.config.queue:
             return json_error(503, "Busy", f"{self.forward_waiting} forward jobs queued; try another miner")
         self._enqueue(FORWARD, "forward", header, bytes(frame))
@@ -245,6 +246,7 @@ class Miner:
         if worker is None or (header["sample"], header["attempt"]) not in worker.kept:
             return json_error(404, "UnknownSample", f"no forward of sample {header['sample']} "
                                                     f"attempt {header['attempt']} is kept here")
+        self._check_frame(worker, frame, "backward")
         self._enqueue(BACKWARD, "backward", header, bytes(frame))
         return web.json_response({"queued": self.queue.qsize()}, status=202)
 
@@ -257,6 +259,13 @@ class Miner:
             if not (isinstance(header.get(key), int) and header[key] >= 0):
                 raise JsonHTTPError(400, "BadRequest", f"{key} must be an integer >= 0")
         return header, frame
+
+    @staticmethod
+    def _check_frame(worker: StageWorker, frame: memoryview, direction: str) -> None:
+        try:
+            worker.check_frame(frame, direction)
+        except WorkError as exc:
+            raise JsonHTTPError(400, "BadFrame", str(exc)) from None
 
     def _enqueue(self, priority: int, kind: str, header: dict[str, Any], frame: bytes | None = None) -> None:
         if kind == "forward":

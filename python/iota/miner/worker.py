@@ -104,7 +104,7 @@ class StageWorker:
             loss = self.module(x, targets, **extra)
             (loss / self.recipe.accumulate).backward()
             self._after_backward()
-            return self._encode(x.grad, self.backward_codec, sample, attempt, "backward"), float(loss)
+            return self._encode(x.grad, self.backward_codec, sample, attempt, "backward"), loss.item()
         output = self.module(x, **extra)
         self.kept[(sample, attempt)] = Kept(x, output, self.version, time.monotonic())
         return self._encode(output, self.forward_codec, sample, attempt, "forward"), None
@@ -153,6 +153,18 @@ class StageWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
         self.version += 1
+
+    def check_frame(self, frame: bytes | memoryview, direction: str) -> None:
+        """Refuse a frame that is malformed or of the wrong shape before it is queued (raises WorkError)."""
+        width = self.in_width if direction == "forward" else self.module.boundary_width
+        shape = (self.recipe.batch, self.recipe.seq_len, width)
+        try:
+            header = Codec.header(frame)
+        except FrameError as exc:
+            raise WorkError(f"bad {direction} frame: {exc}") from None
+        if tuple(header["shape"]) != shape:
+            raise WorkError(f"stage {self.index} takes {direction} frames of shape {shape}, "
+                            f"got {tuple(header['shape'])}")
 
     def _decode(self, frame: bytes | None, width: int) -> torch.Tensor:
         shape = (self.recipe.batch, self.recipe.seq_len, width)

@@ -138,10 +138,10 @@ class LocalSwarm:
         child.process.wait()
 
     def supervise(self) -> None:
-        """Replace miners that died; raise if the orchestrator died on its own."""
+        """Replace miners that died (a miner exits 0 only when the run is finished); raise if the orchestrator died."""
         for name in list(self.miner_names):
             child = self.children[name]
-            if child.process.poll() is not None and name not in self.lost:
+            if child.process.poll() not in (None, 0) and name not in self.lost:
                 self.lost.append(name)
                 self.replaced.append(self.start_miner())
         orchestrator = self.children["orchestrator"]
