@@ -66,6 +66,7 @@ class MinerConfig:
     `timeout` (s): one request to a peer or the orchestrator.
     `ban_base`/`ban_max` (s): how long a failing peer is avoided (doubling per failure).
     `merge_codec`: how pseudo-gradients cross in the all-reduce.
+    `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +78,7 @@ class MinerConfig:
     ban_base: float = 1.0
     ban_max: float = 30.0
     merge_codec: str = "int8/b64"
+    flops: float = 0.0
     seed: int = 0
 
 
@@ -134,6 +136,7 @@ class Miner:
         self.upstream: dict[tuple[int, int], tuple[str, str]] = {}  # (sample, attempt) -> (address, hotkey)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.done_forward = self.done_backward = 0
+        self.failures = 0  # work that failed here; stage 0 slows its leasing while it keeps failing
         self.flops = 0.0
         self.peer: AllReducePeer | None = None
         self.orchestrator: OrchestratorClient | None = None
@@ -143,7 +146,7 @@ class Miner:
 
     async def run(self) -> None:
         """Serve, register, and work until the orchestrator says the run is finished (or cancelled)."""
-        self.flops = await asyncio.to_thread(measure_flops)
+        self.flops = self.config.flops or await asyncio.to_thread(measure_flops)
         app = self.app()
         self.peer = AllReducePeer(self.signer, self.chain)
         async with (
@@ -286,6 +289,7 @@ class Miner:
             except (WorkError, ValueError, NetError) as exc:
                 log.warning("%s of sample %s failed: %s", job.kind, job.header.get("sample"), exc)
                 self._release(job.header)
+                self.failures += 1
             finally:
                 if job.kind in CONTROL_KINDS:
                     self.control_jobs -= 1
@@ -397,6 +401,10 @@ class Miner:
             if not worker.is_first or len(self.in_flight) >= window or self.merging:
                 await asyncio.sleep(0.05)
                 continue
+            if self.failures:
+                # Our own work keeps failing (e.g. diverged weights): do not spin through the data.
+                self.failures = 0
+                await asyncio.sleep(self.config.ban_base)
             try:
                 lease = await self.orchestrator.lease()
             except NetError as exc:
@@ -425,7 +433,7 @@ class Miner:
         return {"queue": self.forward_waiting, "forward": self.done_forward, "backward": self.done_backward,
                 "activations": self.traffic.activations, "gradients": self.traffic.gradients,
                 "tokens_forward": self.traffic.tokens_forward, "tokens_backward": self.traffic.tokens_backward,
-                "allreduce": allreduce, "kept": len(worker.kept) if worker else 0,
+                "allreduce": allreduce, "kept": len(worker.kept) if worker else 0, "failures": self.failures,
                 "version": worker.global_version if worker else -1}
 
     async def heartbeat_loop(self) -> None:

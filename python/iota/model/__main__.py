@@ -9,22 +9,17 @@ import argparse
 import json
 
 import iota.data
-from iota.codec import Codec
-from iota.model import Bottleneck, ModelConfig, Pipeline, TrainConfig, evaluate, save_checkpoint, train_local
+from iota.model import ModelConfig, Pipeline, TrainConfig, evaluate, save_checkpoint, train_local
+from iota.model.recipe import COMPRESSION_PRESETS, compression_of
 
-PRESETS = {
-    # name: (bottleneck width as a fraction of dim, activation codec, gradient codec, reembed)
-    "none": (0, None, None, False),
-    "32x": (1 / 8, "int4/b64", "int4/b64/stochastic/fp32scale", False),
-    "128x": (1 / 32, "int4/b256", "int4/b256/stochastic/fp32scale", True),
-}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--stages", type=int, default=3)
-    parser.add_argument("--compression", choices=sorted(PRESETS), default="128x")
+    parser.add_argument("--compression", default="128x",
+                        help=f"a preset ({', '.join(COMPRESSION_PRESETS)}) or a codec spec used both ways")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16)
@@ -35,12 +30,9 @@ def main() -> None:
 
     train, val, tok = iota.data.load("stdlib", "byte")
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, max_seq_len=args.seq_len)
-    fraction, forward, backward, reembed = PRESETS[args.compression]
-    pipe = Pipeline.build(
-        cfg, args.stages, Bottleneck(int(cfg.dim * fraction), reembed=reembed),
-        Codec.from_string(forward) if forward else None, Codec.from_string(backward) if backward else None,
-        seed=args.seed,
-    )
+    compression = compression_of(args.compression, cfg.dim)
+    pipe = Pipeline.build(cfg, args.stages, compression.bottleneck, compression.forward, compression.backward,
+                          seed=args.seed)
     val_batches = val.fixed_batches(args.batch, args.seq_len, num_batches=8)
     print(f"training {args.stages} stages of a {cfg.dim}-wide, {cfg.n_layers}-layer model on "
           f"{train.num_tokens:,} stdlib tokens; boundary compression {args.compression}")

@@ -68,13 +68,13 @@ class Recipe:
     tokenizer: str = "byte"
     batch: int = 8
     seq_len: int = 128
-    samples: int = 300
+    samples: int = 1000
     lr: float = 3e-3
     warmup_samples: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     accumulate: int = 1
-    merge_every: int = 50
+    merge_every: int = 100
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     seed: int = 0

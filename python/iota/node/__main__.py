@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                                          "as processes on loopback, train, and report.")
     common(local)
     local.add_argument("--miners-per-stage", type=int, default=None, help="(default 2)")
-    local.add_argument("--steps", type=int, dest="samples", help="samples (batches) to train on (default 300)")
+    local.add_argument("--steps", type=int, dest="samples", help="samples (batches) to train on (default 1000)")
     local.add_argument("--dir", help="where the run keeps its database, weights and logs (default: a new temp dir)")
     local.add_argument("--report", help="write a JSON report of the run here")
     local.add_argument("--no-live", action="store_true", help="print progress lines instead of a live view")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from iota.chain import LocalChain, dev_keypair
+from iota.miner.service import measure_flops
 from iota.model.recipe import Recipe
 
 ORCHESTRATOR_KEY = "iota-local-orchestrator"
@@ -76,6 +77,9 @@ class LocalSwarm:
         neurons.update({dev_keypair(miner_key(i)).ss58_address: "miner" for i in range(total)})
         LocalChain(neurons).save(self.directory / "chain.json")
         self.port = self.port or free_port()
+        # Miners share this machine: measured once here, before they compete for it, so
+        # stage assignment sees equal miners instead of measurement noise.
+        self.miner_settings.setdefault("flops", measure_flops())
         self.start_orchestrator(timeout)
         for _ in range(self.recipe.stages * self.miners_per_stage):
             self.start_miner()

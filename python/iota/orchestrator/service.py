@@ -67,6 +67,8 @@ class Orchestrator:
         stages = self.recipe.build(tokenizer.vocab_size)
         self.store.init_stages(self.recipe.stages)
         for s, stage in enumerate(stages):
+            if self.store.latest_version(s) is not None:
+                continue  # a start killed before it stored the recipe: version 0 is already there
             outer = OuterNesterov(flatten(list(stage.parameters())))
             data = outer.to_bytes()
             self.store.add_version(s, None, hashlib.sha256(data).hexdigest(), data, [])
@@ -149,7 +151,9 @@ class Orchestrator:
     async def heartbeat(self, request: web.Request) -> web.Response:
         hotkey = request_sender(request).hotkey
         stats = self._json(request).get("stats", {})
-        if not isinstance(stats, dict) or not self.store.heartbeat(hotkey, stats):
+        if not isinstance(stats, dict):
+            return json_error(400, "BadRequest", "stats must be a JSON object")
+        if not self.store.heartbeat(hotkey, stats):
             return json_error(409, "NotRegistered", f"{hotkey} is not a live node of this run; POST /register first")
         node = self.store.node(hotkey)
         assert node is not None
@@ -255,6 +259,8 @@ class Orchestrator:
         phase = self.store.stage(stage)
         if not (phase.phase == "merge" and phase.round == round_):
             return json_error(409, "RoundClosed", f"merge round {round_} of stage {stage} is not open")
+        if hotkey not in {m["hotkey"] for m in phase.members}:
+            return json_error(403, "NotMember", f"{hotkey} is not a member of merge round {round_} of stage {stage}")
         # Only well-formed state of the right size becomes a version.
         probe = OuterNesterov(torch.zeros(self.weight_bytes[stage] // 4))
         try:
@@ -427,7 +433,7 @@ def _number(body: dict[str, Any], key: str, *, minimum: float | None = None) -> 
 
 def _integer(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise JsonHTTPError(400, "BadRequest", f"{key} must be an integer >= 0, got {value!r}")

@@ -187,7 +187,7 @@ class Store:
         now = time.time()
         with self.transaction() as db:
             row = db.execute(
-                "SELECT id, attempt FROM samples WHERE done IS NULL AND expires<? ORDER BY id LIMIT 1", (now,)
+                "SELECT id, attempt FROM samples WHERE done IS NULL AND expires<=? ORDER BY id LIMIT 1", (now,)
             ).fetchone()
             if row is not None:
                 sample, attempt = row["id"], row["attempt"] + 1
@@ -200,6 +200,8 @@ class Store:
                 attempt = 0
                 db.execute("INSERT INTO samples(id, attempt, holder, leased, expires) VALUES(?, 0, ?, ?, ?)",
                            (sample, holder, now, now + timeout))
+                # `leased` moves when a sample is leased again; the run's start must not.
+                db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('first_lease', ?)", (json.dumps(now),))
         return Lease(sample, attempt, now + timeout)
 
     def record_loss(self, sample: int, attempt: int, loss: float, path: list[str]) -> bool:
@@ -229,8 +231,9 @@ class Store:
 
     def training_seconds(self) -> float:
         """From the first lease to the latest completion: the time the swarm spent training."""
-        row = self.db.execute("SELECT MIN(leased), MAX(done) FROM samples").fetchone()
-        return max(0.0, row[1] - row[0]) if row[1] is not None else 0.0
+        last = self.db.execute("SELECT MAX(done) FROM samples").fetchone()[0]
+        first = self.get_meta("first_lease")
+        return max(0.0, last - first) if last is not None and first is not None else 0.0
 
     def recent_latencies(self, n: int) -> list[float]:
         rows = self.db.execute(
@@ -261,9 +264,13 @@ class Store:
                           row["deadline"], row["since_merge"])
 
     def open_merge(self, s: int, members: list[dict[str, Any]], deadline: float) -> StagePhase:
+        """Start the next merge round of stage `s`; StoreError if one is already open."""
         with self.transaction() as db:
-            db.execute("UPDATE stages SET phase='merge', round=round+1, members=?, opened=?, deadline=?, "
-                       "since_merge=0 WHERE stage=?", (json.dumps(members), time.time(), deadline, s))
+            cursor = db.execute("UPDATE stages SET phase='merge', round=round+1, members=?, opened=?, deadline=?, "
+                                "since_merge=0 WHERE stage=? AND phase='train'",
+                                (json.dumps(members), time.time(), deadline, s))
+        if cursor.rowcount != 1:
+            raise StoreError(f"stage {s} has a merge round open already (or does not exist)")
         return self.stage(s)
 
     def close_merge(self, s: int, round_: int, outcome: str, detail: dict[str, Any]) -> bool:

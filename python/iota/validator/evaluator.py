@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,11 +91,18 @@ class Validator:
                             raise NetError(f"stage {stage} weights do not match their digest")
                         states.append(state)
                         versions[stage] = version
-                    loss = await asyncio.to_thread(evaluate_state, recipe, vocab_size, states, val,
-                                                   self.config.batches)
+                    evaluated = versions
+                    try:
+                        loss = await asyncio.to_thread(evaluate_state, recipe, vocab_size, states, val,
+                                                       self.config.batches)
+                    except ValueError as exc:  # e.g. activations too large to encode: the model diverged
+                        log.error("the merged model at versions %s cannot be evaluated: %s", versions, exc)
+                        continue
+                    if not math.isfinite(loss):
+                        log.error("the merged model at versions %s has a non-finite loss", versions)
+                        continue
                     await client.evaluation(versions, loss)
                     log.info("validation loss %.4f at versions %s", loss, versions)
-                    evaluated = versions
                 elif beat["status"] == "finished":
                     return
                 await asyncio.sleep(interval)
