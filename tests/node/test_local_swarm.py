@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -154,9 +155,18 @@ def test_swarm_survives_a_killed_miner(swarm_factory) -> None:
     swarm = swarm_factory(recipe)
     state = run_until(swarm, lambda s: s["samples"]["done"] >= 40 and min(st["version"] for st in s["stages"]) >= 1,
                       180)
-    # A first-stage miner always holds leased samples in flight (its window).
+    # Kill a first-stage miner while it holds leased samples: freeze it, check, then kill.
     victim = state["stages"][0]["miners"][0]["hotkey"]
     victim_name = name_of(victim, swarm)
+    process = swarm.children[victim_name].process
+    for _ in range(100):
+        process.send_signal(signal.SIGSTOP)
+        if held_leases(swarm, victim):
+            break
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    held = held_leases(swarm, victim)
+    assert held, "the victim never held a lease"
     swarm.kill(victim_name)
     state = run_until(swarm, swarm.finished, 300)
 
@@ -170,9 +180,20 @@ def test_swarm_survives_a_killed_miner(swarm_factory) -> None:
     assert loaded and loaded[0] >= 1, log[-2000:]
     # The samples the victim held were leased again, to other miners, and finished.
     db = sqlite3.connect(swarm.directory / "orchestrator.sqlite")
-    retried = db.execute("SELECT holder, done FROM samples WHERE attempt >= 1").fetchall()
+    for sample in held:
+        attempt, holder, done = db.execute("SELECT attempt, holder, done FROM samples WHERE id=?",
+                                           (sample,)).fetchone()
+        assert attempt >= 1 and holder != victim and done is not None
     db.close()
-    assert retried and all(holder != victim and done is not None for holder, done in retried)
+
+
+def held_leases(swarm: LocalSwarm, hotkey: str) -> list[int]:
+    db = sqlite3.connect(swarm.directory / "orchestrator.sqlite")
+    try:
+        rows = db.execute("SELECT id FROM samples WHERE holder=? AND done IS NULL", (hotkey,)).fetchall()
+    finally:
+        db.close()
+    return [r[0] for r in rows]
 
 
 def test_orchestrator_restart_loses_nothing(swarm_factory) -> None:

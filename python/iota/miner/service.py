@@ -61,7 +61,10 @@ CONTROL_KINDS = ("merge", "resync", "stage")
 class MinerConfig:
     """Where a miner serves and how much work it takes on.
 
-    `window`: samples stage 0 keeps in flight (0: twice the number of stages).
+    `window`: samples a stage-0 miner keeps in flight (0: the number of stages). More keeps
+    the pipeline fuller but trains on staler weights: on the default local swarm,
+    4 in flight per miner instead of 2 gave a clearly worse loss at equal samples
+    (2.97 vs 2.76 after 500) for no gain in tokens/s.
     `queue`: forward jobs waiting before new ones are refused with 503.
     `timeout` (s): one request to a peer or the orchestrator.
     `ban_base`/`ban_max` (s): how long a failing peer is avoided (doubling per failure).
@@ -397,7 +400,7 @@ class Miner:
         while True:
             worker, recipe = self.worker, self.recipe
             assert worker is not None and recipe is not None
-            window = self.config.window or 2 * recipe.stages
+            window = self.config.window or recipe.stages
             if not worker.is_first or len(self.in_flight) >= window or self.merging:
                 await asyncio.sleep(0.05)
                 continue
