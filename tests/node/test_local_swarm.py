@@ -4,6 +4,7 @@ processes on loopback (iota.node.local.LocalSwarm), killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import torch
 
 from iota.chain import dev_keypair
 from iota.codec import Codec
@@ -93,6 +95,7 @@ def test_swarm_trains_and_refuses_bad_requests(swarm_factory) -> None:
         "validator": (403, "WrongRole"),
         "garbage envelope": (400, "BadEnvelope"),
         "corrupted frame": (400, "BadFrame"),
+        "uncommitted frame": (400, "BadFrame"),
         "wrong shape": (400, "BadFrame"),
         "wrong stage": (409, "WrongStage"),
         "unknown sample": (404, "UnknownSample"),
@@ -121,8 +124,14 @@ def test_swarm_trains_and_refuses_bad_requests(swarm_factory) -> None:
 
 
 async def bad_requests(swarm: LocalSwarm, address: str, hotkey: str, first_stage_hotkey: str) -> dict:
-    frame = Codec.from_string("int4/b256").encode(__import__("torch").zeros(TINY.batch, TINY.seq_len, 2))
-    header = {"sample": 0, "attempt": 0, "stage": 1, "path": [first_stage_hotkey], "route": ["http://127.0.0.1:1"]}
+    frame = Codec.from_string("int4/b256").encode(torch.zeros(TINY.batch, TINY.seq_len, 2))
+
+    def commits(data: bytes) -> list[dict[str, Any]]:
+        return [{"hotkey": first_stage_hotkey, "stage": 0, "output": hashlib.sha256(data).hexdigest(),
+                 "weights": "0" * 64, "global_version": 0, "backward_since_merge": 0}]
+
+    header = {"sample": 0, "attempt": 0, "stage": 1, "path": [first_stage_hotkey], "route": ["http://127.0.0.1:1"],
+              "commits": commits(frame)}
     results = {}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{address}/forward", data=pack(header, frame)) as reply:
@@ -142,9 +151,11 @@ async def bad_requests(swarm: LocalSwarm, address: str, hotkey: str, first_stage
         await signed("garbage envelope", sender, b"\xff\xff\xff\xffnot an envelope")
         corrupted = bytearray(frame)
         corrupted[-20] ^= 0x55
-        await signed("corrupted frame", sender, pack(header, bytes(corrupted)))
-        wrong = Codec.from_string("int4/b256").encode(__import__("torch").zeros(TINY.batch, TINY.seq_len, 3))
-        await signed("wrong shape", sender, pack(header, wrong))
+        corrupted = bytes(corrupted)
+        await signed("corrupted frame", sender, pack({**header, "commits": commits(corrupted)}, corrupted))
+        await signed("uncommitted frame", sender, pack(header, corrupted))
+        wrong = Codec.from_string("int4/b256").encode(torch.zeros(TINY.batch, TINY.seq_len, 3))
+        await signed("wrong shape", sender, pack({**header, "commits": commits(wrong)}, wrong))
         await signed("wrong stage", sender, pack({**header, "stage": 0}, frame))
         await signed("unknown sample", sender, pack({"sample": 10**6, "attempt": 0}, frame), "/backward")
     return results

@@ -65,6 +65,12 @@ def state_bytes(n_values: int, seed: int) -> bytes:
     return outer.to_bytes()
 
 
+def commits_of(path: list[str]) -> list[dict[str, Any]]:
+    """What each miner on `path` vouches for (digests are placeholders: the orchestrator only stores them)."""
+    return [{"hotkey": h, "stage": s, "output": f"{s:064x}", "weights": f"{s + 1:064x}", "global_version": 0,
+             "backward_since_merge": 0} for s, h in enumerate(path)]
+
+
 @dataclass
 class Harness:
     orchestrator: Orchestrator
@@ -81,6 +87,11 @@ class Harness:
         reply = await self.client(name).register(flops, address_of(name), merge_address_of(name))
         return reply["stage"]
 
+    async def orchestrator_work(self, since: int) -> list[dict[str, Any]]:
+        validator = self.client("validator")
+        await validator.register(0.0)
+        return await validator.work(since)
+
     async def refusal(self, call: Awaitable[Any]) -> tuple[int, str]:
         with pytest.raises(PeerError) as caught:
             await call
@@ -96,7 +107,8 @@ class Harness:
         for _ in range(n):
             lease = await first.lease()
             sample, attempt = lease["sample"], lease["attempt"]
-            reply = await last.loss(sample, attempt, 5.0 - 0.25 * sample, [HOTKEY["miner-a"], HOTKEY["miner-b"]])
+            path = [HOTKEY["miner-a"], HOTKEY["miner-b"]]
+            reply = await last.loss(sample, attempt, 5.0 - 0.25 * sample, path, commits_of(path))
             assert reply == {"accepted": True}
             assert await first.complete(sample, attempt) == {"accepted": True}
             done.append((sample, attempt))
@@ -199,10 +211,13 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         lease = await first.lease()
         assert lease == {"sample": 0, "attempt": 0, "timeout": orchestrator.config.lease_floor}
         path = [HOTKEY["miner-a"], HOTKEY["miner-b"]]
-        assert await last.loss(0, 0, 4.5, path) == {"accepted": True}
-        assert await last.loss(0, 1, 4.0, path) == {"accepted": False}  # no such attempt
-        assert await h.refusal(last.loss(0, 0, 4.5, path[:1])) == (400, "BadRequest")
-        assert await h.refusal(last.loss(0, 0, float("nan"), path)) == (400, "BadRequest")
+        assert await last.loss(0, 0, 4.5, path, commits_of(path)) == {"accepted": True}
+        assert await last.loss(0, 1, 4.0, path, commits_of(path)) == {"accepted": False}  # no such attempt
+        assert await h.refusal(last.loss(0, 0, 4.5, path[:1], commits_of(path[:1]))) == (400, "BadRequest")
+        assert await h.refusal(last.loss(0, 0, float("nan"), path, commits_of(path))) == (400, "BadRequest")
+        # Commitments must name the path's miners in order.
+        assert await h.refusal(last.loss(0, 0, 4.5, path, commits_of(path[::-1]))) == (400, "BadRequest")
+        assert (await h.orchestrator_work(0))[0]["commits"] == commits_of(path)
         assert await first.complete(0, 0) == {"accepted": True}
         assert await first.complete(0, 0) == {"accepted": False}  # once
         state = orchestrator.state()

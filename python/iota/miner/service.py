@@ -70,6 +70,8 @@ class MinerConfig:
     `ban_base`/`ban_max` (s): how long a failing peer is avoided (doubling per failure).
     `merge_codec`: how pseudo-gradients cross in the all-reduce.
     `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
+    `adversary`: misbehave on purpose, for tests and demos of the validators: "random" (send noise
+    instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer steps).
     """
 
     host: str = "127.0.0.1"
@@ -82,6 +84,7 @@ class MinerConfig:
     ban_max: float = 30.0
     merge_codec: str = "int8/b64"
     flops: float = 0.0
+    adversary: str = ""
     seed: int = 0
 
 
@@ -206,7 +209,8 @@ class Miner:
             return
         assert self.recipe is not None and self.data is not None
         log.info("miner %s serves stage %d", self.hotkey, stage)
-        self.worker = await asyncio.to_thread(StageWorker, self.recipe, self.vocab_size, stage, self.data)
+        self.worker = await asyncio.to_thread(StageWorker, self.recipe, self.vocab_size, stage, self.data,
+                                              self.config.adversary or None)
         await self.sync_weights()
 
     async def sync_weights(self) -> None:
@@ -224,6 +228,7 @@ class Miner:
         app = signed_app(self.hotkey, self.chain)
         app.router.add_post("/forward", self.handle_forward)
         app.router.add_post("/backward", self.handle_backward)
+        app.router.add_post("/audit", self.handle_audit)
         return app
 
     @route_policy(roles=("miner",))
@@ -234,11 +239,14 @@ class Miner:
             return json_error(409, "WrongStage", "this miner does not take forward frames (it serves stage 0)")
         if header.get("stage") != worker.index:
             return json_error(409, "WrongStage", f"this miner serves stage {worker.index}, not {header.get('stage')}")
-        path, route = header.get("path"), header.get("route")
-        if not (isinstance(path, list) and isinstance(route, list) and len(path) == len(route) == worker.index
-                and path[-1] == request_sender(request).hotkey):
-            return json_error(400, "BadRequest", "path and route must list the previous stages' miners, "
+        path, route, commits = header.get("path"), header.get("route"), header.get("commits")
+        if not (isinstance(path, list) and isinstance(route, list) and isinstance(commits, list)
+                and len(path) == len(route) == len(commits) == worker.index
+                and path[-1] == request_sender(request).hotkey and all(isinstance(c, dict) for c in commits)):
+            return json_error(400, "BadRequest", "path, route and commits must list the previous stages' miners, "
                                                  "ending with the sender")
+        if commits[-1].get("output") != hashlib.sha256(frame).hexdigest():
+            return json_error(400, "BadFrame", "the frame does not match the sender's commitment")
         self._check_frame(worker, frame, "forward")
         if self.forward_waiting >= self.config.queue:
             return json_error(503, "Busy", f"{self.forward_waiting} forward jobs queued; try another miner")
@@ -255,6 +263,22 @@ class Miner:
         self._check_frame(worker, frame, "backward")
         self._enqueue(BACKWARD, "backward", header, bytes(frame))
         return web.json_response({"queued": self.queue.qsize()}, status=202)
+
+    @route_policy(roles=("validator",))
+    async def handle_audit(self, request: web.Request) -> web.Response:
+        """A recent forward for a validator to recompute: its record, input frame, output frame and weights."""
+        header, _ = self._envelope(request)
+        worker = self.worker
+        found = worker.audit(header["sample"], header["attempt"]) if worker is not None else None
+        if worker is None or found is None:
+            return json_error(404, "NotKept", f"sample {header['sample']} attempt {header['attempt']} is not "
+                                              "among the recent forwards kept for audits")
+        work, weights = found
+        commitment = worker.commitment(header["sample"], header["attempt"])
+        inputs = work.input or b""
+        body = pack({**commitment, "loss": work.loss, "input_bytes": len(inputs), "output_bytes": len(work.output)},
+                    inputs + work.output + weights.numpy().tobytes())
+        return web.Response(body=body, content_type="application/octet-stream")
 
     def _envelope(self, request: web.Request) -> tuple[dict[str, Any], memoryview]:
         try:
@@ -308,15 +332,16 @@ class Miner:
             self.done_forward += 1
             path = job.header.get("path", []) + [self.hotkey]
             route = job.header.get("route", []) + [self.address]
+            commits = job.header.get("commits", []) + [{**worker.commitment(sample, attempt), "hotkey": self.hotkey}]
             if not worker.is_first:
                 upstream = (job.header["route"][-1], job.header["path"][-1])
             if loss is None:
                 if not worker.is_first:
                     self.upstream[(sample, attempt)] = upstream
-                self._spawn(self.send_forward(sample, attempt, frame, path, route))
+                self._spawn(self.send_forward(sample, attempt, frame, path, route, commits))
             else:
                 self.done_backward += 1
-                self._spawn(self.report_loss(sample, attempt, loss, path))
+                self._spawn(self.report_loss(sample, attempt, loss, path, commits))
                 self._spawn(self.send_backward(sample, attempt, frame, *upstream))
         elif job.kind == "backward":
             if (sample, attempt) not in worker.kept:
@@ -337,11 +362,13 @@ class Miner:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def send_forward(self, sample: int, attempt: int, frame: bytes, path: list[str], route: list[str]) -> None:
+    async def send_forward(self, sample: int, attempt: int, frame: bytes, path: list[str], route: list[str],
+                           commits: list[dict[str, Any]]) -> None:
         """Push an activation frame to some miner of the next stage; try others until the sample expires."""
         assert self.client is not None and self.worker is not None
         stage = self.worker.index + 1
-        body = pack({"sample": sample, "attempt": attempt, "stage": stage, "path": path, "route": route}, frame)
+        body = pack({"sample": sample, "attempt": attempt, "stage": stage, "path": path, "route": route,
+                     "commits": commits}, frame)
         deadline = time.monotonic() + self.lease_timeout
         while time.monotonic() < deadline:
             peer = self.wiring.choose()
@@ -379,10 +406,11 @@ class Miner:
         self.traffic.gradients += len(frame)
         self.traffic.tokens_backward += self.recipe.tokens_per_sample()
 
-    async def report_loss(self, sample: int, attempt: int, loss: float, path: list[str]) -> None:
+    async def report_loss(self, sample: int, attempt: int, loss: float, path: list[str],
+                          commits: list[dict[str, Any]]) -> None:
         assert self.orchestrator is not None
         try:
-            await self.orchestrator.loss(sample, attempt, loss, path)
+            await self.orchestrator.loss(sample, attempt, loss, path, commits)
         except NetError as exc:
             log.warning("could not report the loss of sample %d: %s", sample, exc)
 
@@ -470,7 +498,7 @@ class Miner:
             self.upstream.pop(key, None)
             self._release({"sample": key[0], "attempt": key[1]})
         self.wiring.update([Peer(p["hotkey"], p["address"], p["flops"], p["queue"]) for p in reply.get("next", [])])
-        if self.control_jobs:
+        if self.control_jobs or self.config.adversary == "stale":
             return
         if reply["stage"] != worker.index:
             self._enqueue(CONTROL, "stage", {"stage": reply["stage"], "sample": -1, "attempt": -1})

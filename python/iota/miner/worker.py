@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,26 @@ RAW = Codec.from_string("bf16")
 
 class WorkError(IotaError):
     """A forward or backward request this stage cannot do (bad frame, wrong shape, unknown sample)."""
+
+
+ADVERSARIES = ("random", "stale", "lazy")
+KEEP_VERSIONS = 8  # weight snapshots kept for audits
+KEEP_WORK = 64  # recent forwards kept for audits
+
+
+@dataclass(frozen=True)
+class Work:
+    """A recent forward, as an audit needs it: the weights version, the input and what was sent."""
+
+    version: int
+    input: bytes | None  # the input frame (None on stage 0: the input is the sample's tokens)
+    output: bytes  # the frame sent on (activations forward; input gradients from the last stage)
+    loss: float | None
+    backward_since_merge: int
+
+
+def weights_digest(flat: torch.Tensor) -> str:
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -53,8 +74,14 @@ def frame_seed(sample: int, attempt: int, stage: int, direction: str) -> int:
 class StageWorker:
     """Stage `index` of the recipe's model, trained by this miner."""
 
-    def __init__(self, recipe: Recipe, vocab_size: int, index: int, data: TokenDataset) -> None:
-        self.recipe, self.index, self.data = recipe, index, data
+    def __init__(self, recipe: Recipe, vocab_size: int, index: int, data: TokenDataset,
+                 adversary: str | None = None) -> None:
+        if adversary not in (None, *ADVERSARIES):
+            raise ValueError(f"adversary must be one of {ADVERSARIES}, not {adversary!r}")
+        self.recipe, self.index, self.data, self.adversary = recipe, index, data, adversary
+        self.snapshots: OrderedDict[int, tuple[torch.Tensor, str]] = OrderedDict()
+        self.work: OrderedDict[tuple[int, int], Work] = OrderedDict()
+        self.rng = torch.Generator().manual_seed(index)
         self.module = recipe.build(vocab_size)[index]
         self.module.train()
         self.params = list(self.module.parameters())
@@ -100,14 +127,52 @@ class StageWorker:
         else:
             x = self._decode(frame, self.in_width).requires_grad_()
         extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
+        version = self.version
+        self._snapshot()
         if self.is_last:
             loss = self.module(x, targets, **extra)
             (loss / self.recipe.accumulate).backward()
+            value, grad = loss.item(), x.grad
+            if self.adversary == "random":
+                value, grad = float(torch.rand((), generator=self.rng)) * 6, self._noise(grad)
+            out = self._encode(grad, self.backward_codec, sample, attempt, "backward")
             self._after_backward()
-            return self._encode(x.grad, self.backward_codec, sample, attempt, "backward"), loss.item()
-        output = self.module(x, **extra)
-        self.kept[(sample, attempt)] = Kept(x, output, self.version, time.monotonic())
-        return self._encode(output, self.forward_codec, sample, attempt, "forward"), None
+        else:
+            output = self.module(x, **extra)
+            self.kept[(sample, attempt)] = Kept(x, output, version, time.monotonic())
+            value = None
+            out = self._encode(self._noise(output) if self.adversary == "random" else output, self.forward_codec,
+                               sample, attempt, "forward")
+        self.work[(sample, attempt)] = Work(version, None if frame is None else bytes(frame), out, value,
+                                            self.samples_since_merge)
+        while len(self.work) > KEEP_WORK:
+            self.work.popitem(last=False)
+        return out, value
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """What a cheating miner sends instead of its work: noise of the same shape and scale."""
+        return torch.randn(like.shape, generator=self.rng) * float(like.detach().std())
+
+    def _snapshot(self) -> None:
+        if self.version not in self.snapshots:
+            flat = flatten(self.params)
+            self.snapshots[self.version] = (flat, weights_digest(flat))
+            while len(self.snapshots) > KEEP_VERSIONS:
+                self.snapshots.popitem(last=False)
+
+    def commitment(self, sample: int, attempt: int) -> dict[str, object]:
+        """What this miner vouches for about a forward it did: output digest, weights digest, versions."""
+        work = self.work[(sample, attempt)]
+        return {"stage": self.index, "output": hashlib.sha256(work.output).hexdigest(),
+                "weights": self.snapshots[work.version][1], "global_version": self.global_version,
+                "backward_since_merge": work.backward_since_merge}
+
+    def audit(self, sample: int, attempt: int) -> tuple[Work, torch.Tensor] | None:
+        """The record and the weights of a recent forward, or None if they are no longer kept."""
+        work = self.work.get((sample, attempt))
+        if work is None or work.version not in self.snapshots:
+            return None
+        return work, self.snapshots[work.version][0]
 
     def backward(self, sample: int, attempt: int, frame: bytes) -> bytes | None:
         """Backward of a kept forward; returns the gradient frame for the previous stage (None on stage 0)."""
@@ -149,7 +214,8 @@ class StageWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         torch.nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
-        self.optimizer.step()
+        if self.adversary != "lazy":  # a lazy miner does the passes it is paid for, not the training
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
         self.version += 1

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     local.add_argument("--dir", help="where the run keeps its database, weights and logs (default: a new temp dir)")
     local.add_argument("--report", help="write a JSON report of the run here")
     local.add_argument("--no-live", action="store_true", help="print progress lines instead of a live view")
+    local.add_argument("--adversary", choices=("random", "stale", "lazy"),
+                       help="make the first miner cheat this way (a demo of the validator)")
     settings.add_fields(local, Recipe, skip=("samples",))
 
     orch = roles.add_parser("orchestrator", help="the control plane of a run")
@@ -116,7 +118,8 @@ def run_local(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     swarm = LocalSwarm(directory, recipe, miners_per_stage=miners_per_stage,
                        threads=args.threads or max(1, cores // (recipe.stages * miners_per_stage)),
-                       orchestrator_settings=toml.get("orchestrator", {}), miner_settings=toml.get("miner", {}))
+                       orchestrator_settings=toml.get("orchestrator", {}), miner_settings=toml.get("miner", {}),
+                       adversaries={0: args.adversary} if args.adversary else {})
     print(f"iota local swarm: {recipe.stages} stages x {miners_per_stage} miners + 1 validator, "
           f"a {recipe.dim}-wide {recipe.n_layers}-layer model, {recipe.samples} samples of "
           f"{recipe.tokens_per_sample()} tokens, compression {recipe.compression}; run directory {directory}")

@@ -54,6 +54,7 @@ class LocalSwarm:
     orchestrator_settings: dict[str, Any] = field(default_factory=dict)
     miner_settings: dict[str, Any] = field(default_factory=dict)
     validator: bool = True
+    adversaries: dict[int, str] = field(default_factory=dict)  # miner number -> MinerConfig.adversary
     port: int = 0
     children: dict[str, Child] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
@@ -126,7 +127,8 @@ class LocalSwarm:
         if self.next_miner > self.recipe.stages * self.miners_per_stage + self.spare_miners:
             raise RuntimeError("no registered miner keys left; raise spare_miners")
         args = ["miner", "--key", name, "--orchestrator", self.url, *self._common()]
-        for setting, value in self.miner_settings.items():
+        settings = {**self.miner_settings, "adversary": self.adversaries.get(self.next_miner - 1, "")}
+        for setting, value in settings.items():
             args += [f"--{setting.replace('_', '-')}", str(value)]
         self._spawn(name, args)
         return name

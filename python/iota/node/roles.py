@@ -99,5 +99,5 @@ async def miner(orchestrator_url: str, key: str, chain_path: str, hotkey: str | 
 async def validator(orchestrator_url: str, key: str, chain_path: str, hotkey: str | None,
                     config: ValidatorConfig, parent_pid: int | None) -> None:
     chain = load_chain(chain_path)
-    node = Validator(dev_keypair(key), orchestrator_url, await orchestrator_hotkey(chain, hotkey), config)
+    node = Validator(dev_keypair(key), orchestrator_url, await orchestrator_hotkey(chain, hotkey), chain, config)
     await run_until_stopped(node.run(), parent_pid)

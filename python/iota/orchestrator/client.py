@@ -26,8 +26,22 @@ class OrchestratorClient:
     async def lease(self) -> dict[str, Any]:
         return await self._post("/lease", {})
 
-    async def loss(self, sample: int, attempt: int, loss: float, path: list[str]) -> dict[str, Any]:
-        return await self._post("/loss", {"sample": sample, "attempt": attempt, "loss": loss, "path": path})
+    async def loss(self, sample: int, attempt: int, loss: float, path: list[str],
+                   commits: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self._post("/loss", {"sample": sample, "attempt": attempt, "loss": loss, "path": path,
+                                          "commits": commits})
+
+    async def work(self, since: int) -> list[dict[str, Any]]:
+        """Finished samples recorded after row `since`: loss, path and each stage's commitment."""
+        reply = await self.client.get_json(self.address, f"/work?since={since}", receiver=self.hotkey,
+                                           timeout=self.timeout)
+        return reply["work"]
+
+    async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> dict[str, Any]:
+        return await self._post("/flag", {"hotkey": hotkey, "reason": reason, "detail": detail})
+
+    async def scores(self, scores: dict[str, Any]) -> dict[str, Any]:
+        return await self._post("/scores", {"scores": scores})
 
     async def complete(self, sample: int, attempt: int) -> dict[str, Any]:
         return await self._post("/complete", {"sample": sample, "attempt": attempt})
@@ -41,9 +55,10 @@ class OrchestratorClient:
                                           timeout=self.timeout, body=data)
         return reply.json()
 
-    async def weights(self, stage: int) -> tuple[int, str, bytes]:
-        """(version, sha256 digest, outer-optimizer state bytes) of the stage's latest merged weights."""
-        reply = await self.client.request("GET", self.address, f"/weights/{stage}", receiver=self.hotkey,
+    async def weights(self, stage: int, version: int | None = None) -> tuple[int, str, bytes]:
+        """(version, sha256 digest, outer-optimizer state bytes) of the stage's latest (or given) merged weights."""
+        path = f"/weights/{stage}" + ("" if version is None else f"?version={version}")
+        reply = await self.client.request("GET", self.address, path, receiver=self.hotkey,
                                           timeout=self.timeout, max_response=1 << 30)
         return int(reply.headers["X-Iota-Version"]), reply.headers["X-Iota-Digest"], reply.body
 

@@ -90,6 +90,9 @@ class Orchestrator:
         app.router.add_post("/weights/{stage}", self.upload_weights)
         app.router.add_get("/weights/{stage}", self.download_weights)
         app.router.add_post("/eval", self.evaluation)
+        app.router.add_get("/work", self.work)
+        app.router.add_post("/flag", self.flag)
+        app.router.add_post("/scores", self.scores)
         app.router.add_get("/", self.dashboard)
         app.router.add_get("/api/state", self.state_json)
         app.router.add_get("/metrics", self.metrics)
@@ -206,7 +209,11 @@ class Orchestrator:
         path = body.get("path")
         if not (isinstance(path, list) and len(path) == self.recipe.stages and all(isinstance(h, str) for h in path)):
             return json_error(400, "BadRequest", f"path must list the {self.recipe.stages} hotkeys the sample visited")
-        accepted = self.store.record_loss(_integer(body, "sample"), _integer(body, "attempt"), loss, path)
+        commits = body.get("commits", [])
+        if not (isinstance(commits, list) and len(commits) == self.recipe.stages
+                and all(isinstance(c, dict) and c.get("hotkey") == h for c, h in zip(commits, path))):
+            return json_error(400, "BadRequest", "commits must hold each stage's commitment, in path order")
+        accepted = self.store.record_loss(_integer(body, "sample"), _integer(body, "attempt"), loss, path, commits)
         return web.json_response({"accepted": accepted})
 
     @route_policy(roles=("miner",))
@@ -276,7 +283,13 @@ class Orchestrator:
     @route_policy(roles=("miner", "validator"))
     async def download_weights(self, request: web.Request) -> web.StreamResponse:
         stage = _stage_index(request.match_info["stage"], self.recipe.stages)
-        version = self.store.latest_version(stage)
+        if "version" in request.query:
+            wanted = _integer(dict(request.query), "version")
+            version = self.store.version(stage, wanted)
+            if version is None:
+                return json_error(404, "NoSuchVersion", f"stage {stage} has no merged version {wanted}")
+        else:
+            version = self.store.latest_version(stage)
         assert version is not None
         data = version.file.read_bytes()
         return web.Response(body=data, content_type="application/octet-stream",
@@ -291,6 +304,40 @@ class Orchestrator:
             return json_error(400, "BadRequest", "versions must list the stage versions evaluated")
         self.store.add_eval(versions, _number(body, "val_loss"), hotkey)
         return web.json_response({"accepted": True})
+
+    @route_policy(roles=("validator",))
+    async def work(self, request: web.Request) -> web.Response:
+        """Finished samples after row `since`: loss, path and commitments, for audits and scoring."""
+        self._member(request)
+        since = _integer(dict(request.query), "since") if "since" in request.query else 0
+        return web.json_response({"work": self.store.work(since)})
+
+    @route_policy(roles=("validator",))
+    async def flag(self, request: web.Request) -> web.Response:
+        """A validator caught a miner: it is left out of its stage's next merge and scores 0 while flagged."""
+        validator = self._member(request)
+        body = self._json(request)
+        hotkey, reason, detail = body.get("hotkey"), body.get("reason"), body.get("detail", {})
+        node = self.store.node(hotkey) if isinstance(hotkey, str) else None
+        if node is None or node.role != "miner":
+            return json_error(404, "NoSuchMiner", f"{hotkey!r} is not a miner of this run")
+        if not (isinstance(reason, str) and reason and isinstance(detail, dict)):
+            return json_error(400, "BadRequest", "a flag needs a reason (string) and a detail (object)")
+        self.store.add_flag(hotkey, reason, validator, detail)
+        log.warning("validator %s flagged miner %s: %s", validator, hotkey, reason)
+        return web.json_response({"accepted": True})
+
+    @route_policy(roles=("validator",))
+    async def scores(self, request: web.Request) -> web.Response:
+        validator = self._member(request)
+        scores = self._json(request).get("scores")
+        if not isinstance(scores, dict):
+            return json_error(400, "BadRequest", "scores must map miner hotkeys to their score records")
+        self.store.set_meta(f"scores:{validator}", scores)
+        return web.json_response({"accepted": True})
+
+    def flagged(self, since: float) -> set[str]:
+        return {f["hotkey"] for f in self.store.flags(since)}
 
     # -- public views -----------------------------------------------------------
 
@@ -348,6 +395,10 @@ class Orchestrator:
             "compression_ratio": bf16 / boundary if boundary else None,
             "miners_lost": [e["hotkey"] for e in self.store.events("node_lost") if e.get("role") == "miner"],
             "moves": self.store.events("miner_moved"),
+            "flags": self.store.flags(),
+            "scores": {n.hotkey: self.store.get_meta(f"scores:{n.hotkey}")
+                       for n in self.store.nodes(role="validator", alive=True) + self.store.nodes(role="validator",
+                                                                                                   alive=False)},
         }
 
     # -- the control loop ---------------------------------------------------------
@@ -387,8 +438,10 @@ class Orchestrator:
                 log.warning("stage %d merge round %d timed out; training goes on", s, phase.round)
             return
         due = phase.since_merge >= self.recipe.merge_every or (final and phase.since_merge > 0)
+        # Miners flagged since this stage's last merge opened sit this one out.
+        excluded = self.flagged(phase.opened)
         members = [{"hotkey": n.hotkey, "address": n.merge_address}
-                   for n in self.store.nodes(role="miner") if n.stage == s]
+                   for n in self.store.nodes(role="miner") if n.stage == s and n.hotkey not in excluded]
         if due and members:
             deadline = now + self.config.merge_timeout(self.weight_bytes[s])
             opened = self.store.open_merge(s, members, deadline)

@@ -30,7 +30,10 @@ CREATE TABLE IF NOT EXISTS samples(
     id INTEGER PRIMARY KEY, attempt INTEGER NOT NULL, holder TEXT NOT NULL, leased REAL NOT NULL,
     expires REAL NOT NULL, done REAL, loss REAL, path TEXT);
 CREATE TABLE IF NOT EXISTS losses(
-    sample INTEGER NOT NULL, attempt INTEGER NOT NULL, loss REAL NOT NULL, at REAL NOT NULL, path TEXT NOT NULL);
+    sample INTEGER NOT NULL, attempt INTEGER NOT NULL, loss REAL NOT NULL, at REAL NOT NULL, path TEXT NOT NULL,
+    commits TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS flags(
+    at REAL NOT NULL, hotkey TEXT NOT NULL, reason TEXT NOT NULL, validator TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stages(
     stage INTEGER PRIMARY KEY, phase TEXT NOT NULL, round INTEGER NOT NULL, members TEXT NOT NULL,
     opened REAL NOT NULL, deadline REAL NOT NULL, since_merge INTEGER NOT NULL);
@@ -204,17 +207,35 @@ class Store:
                 db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('first_lease', ?)", (json.dumps(now),))
         return Lease(sample, attempt, now + timeout)
 
-    def record_loss(self, sample: int, attempt: int, loss: float, path: list[str]) -> bool:
-        """Keep the loss of the sample's current attempt; False if stale (it was re-leased or is done)."""
+    def record_loss(self, sample: int, attempt: int, loss: float, path: list[str],
+                    commits: list[dict[str, Any]] | None = None) -> bool:
+        """Keep the loss of the sample's current attempt, the miners on its path and what each
+        vouched for; False if stale (it was re-leased or is done)."""
         with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE samples SET loss=?, path=? WHERE id=? AND attempt=? AND done IS NULL",
                 (loss, json.dumps(path), sample, attempt),
             )
             if cursor.rowcount:
-                db.execute("INSERT INTO losses VALUES(?, ?, ?, ?, ?)",
-                           (sample, attempt, loss, time.time(), json.dumps(path)))
+                db.execute("INSERT INTO losses VALUES(?, ?, ?, ?, ?, ?)",
+                           (sample, attempt, loss, time.time(), json.dumps(path), json.dumps(commits or [])))
         return cursor.rowcount == 1
+
+    def work(self, since: int, limit: int = 500) -> list[dict[str, Any]]:
+        """Recorded losses after row `since`, with their row id, path and commitments."""
+        rows = self.db.execute("SELECT rowid, * FROM losses WHERE rowid>? ORDER BY rowid LIMIT ?", (since, limit))
+        return [{"row": r["rowid"], "sample": r["sample"], "attempt": r["attempt"], "loss": r["loss"],
+                 "at": r["at"], "path": json.loads(r["path"]), "commits": json.loads(r["commits"])} for r in rows]
+
+    def add_flag(self, hotkey: str, reason: str, validator: str, detail: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO flags VALUES(?, ?, ?, ?, ?)",
+                       (time.time(), hotkey, reason, validator, json.dumps(detail)))
+
+    def flags(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return [{"at": r["at"], "hotkey": r["hotkey"], "reason": r["reason"], "validator": r["validator"],
+                 **json.loads(r["detail"])}
+                for r in self.db.execute("SELECT * FROM flags WHERE at>=? ORDER BY at", (since,))]
 
     def complete(self, sample: int, attempt: int, stages: int) -> bool:
         """Mark a sample done (its backward reached the first stage); counts toward every stage's merge."""
@@ -304,6 +325,10 @@ class Store:
 
     def latest_version(self, s: int) -> Version | None:
         row = self.db.execute("SELECT * FROM versions WHERE stage=? ORDER BY version DESC LIMIT 1", (s,)).fetchone()
+        return None if row is None else Version(s, row["version"], row["digest"], self.weights_dir / row["file"])
+
+    def version(self, s: int, version: int) -> Version | None:
+        row = self.db.execute("SELECT * FROM versions WHERE stage=? AND version=?", (s, version)).fetchone()
         return None if row is None else Version(s, row["version"], row["digest"], self.weights_dir / row["file"])
 
     def version_of_round(self, s: int, round_: int) -> Version | None:

@@ -1,4 +1,4 @@
-"""Validators: evaluate the swarm's merged model (recomputation and scoring of miners' work come with issue 6)."""
+"""Validators: evaluate the merged model, audit miners' work by recomputing it, score miners."""
 
 from iota.validator.evaluator import Validator, ValidatorConfig, evaluate_state
 

@@ -1,7 +1,8 @@
-"""A validator that follows the merged model: whenever any stage has new
-merged weights, it loads every stage's latest version, measures the
-validation loss of the whole pipeline (boundaries compressed as in
-training) and reports it to the orchestrator."""
+"""A validator: it follows the merged model (the validation loss of every
+new set of merged weights), audits a random share of the miners' finished
+work by recomputing it (iota.validator.audit) and flags the miners that fail,
+and scores miners from the losses of the paths through them
+(iota.validator.scoring), publishing the scores as chain weights."""
 
 from __future__ import annotations
 
@@ -9,30 +10,49 @@ import asyncio
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
+import torch
 from bittensor.signing import resolve_signer
 
 import iota.data
 from iota.allreduce import OuterNesterov
 from iota.allreduce.outer import flatten, unflatten_into
+from iota.chain import Chain, ChainError
+from iota.miner.worker import StageWorker
 from iota.model import Pipeline, evaluate
 from iota.model.boundary import BoundaryLink
 from iota.model.recipe import Recipe
 from iota.net import NetError, PeerError, SignedClient
+from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
+from iota.validator.audit import check
+from iota.validator.scoring import PathLoss, score_miners, weights_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ValidatorConfig:
-    """`batches`: validation batches per evaluation (the same ones every time); `timeout` (s) per request."""
+    """How a validator samples and scores the swarm's work.
+
+    `batches`: validation batches per evaluation (the same ones every time);
+    `timeout` (s) per request; `audit_rate`: the fraction of finished samples
+    whose work at one (random) stage is recomputed; `score_every` (s): how
+    often scores are computed and published; `score_window`: the number of
+    latest finished samples scores are computed over.
+    """
 
     batches: int = 4
     timeout: float = 30.0
+    audit_rate: float = 0.2
+    score_every: float = 5.0
+    score_window: int = 400
+    seed: int = 0
 
 
 def evaluate_state(recipe: Recipe, vocab_size: int, states: list[bytes], val: iota.data.TokenDataset,
@@ -49,17 +69,26 @@ def evaluate_state(recipe: Recipe, vocab_size: int, states: list[bytes], val: io
 
 
 class Validator:
-    def __init__(self, wallet: Any, orchestrator: str, orchestrator_hotkey: str,
+    def __init__(self, wallet: Any, orchestrator: str, orchestrator_hotkey: str, chain: Chain,
                  config: ValidatorConfig | None = None) -> None:
         self.signer = resolve_signer(wallet, role="hotkey")
         self.orchestrator_address, self.orchestrator_hotkey = orchestrator, orchestrator_hotkey
+        self.chain = chain
         self.config = config or ValidatorConfig()
+        self.rng = random.Random(f"{self.config.seed}/{self.signer.ss58_address}")
+        self.paths: list[PathLoss] = []
+        self.since = 0
+        self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
+        self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
+        self.scratch: dict[int, StageWorker] = {}
+        self.global_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     async def run(self) -> None:
-        """Evaluate each new merged model until the run is finished (the finished model included)."""
+        """Evaluate merged models, audit and score miners, until the run is finished."""
         async with aiohttp.ClientSession() as session:
-            client = OrchestratorClient(SignedClient(self.signer, session), self.orchestrator_address,
-                                        self.orchestrator_hotkey, timeout=self.config.timeout)
+            self.client = SignedClient(self.signer, session)
+            client = self.orchestrator = OrchestratorClient(self.client, self.orchestrator_address,
+                                                            self.orchestrator_hotkey, timeout=self.config.timeout)
             while True:
                 try:
                     reply = await client.register(0.0)
@@ -67,13 +96,14 @@ class Validator:
                 except NetError as exc:
                     log.warning("cannot register yet (%s); retrying", exc)
                     await asyncio.sleep(1.0)
-            recipe, vocab_size = Recipe.from_dict(reply["recipe"]), int(reply["vocab_size"])
+            self.recipe, self.vocab_size = Recipe.from_dict(reply["recipe"]), int(reply["vocab_size"])
             interval = float(reply["heartbeat"])
-            _, val, _ = await asyncio.to_thread(iota.data.load, recipe.data, recipe.tokenizer)
+            self.train, val, _ = await asyncio.to_thread(iota.data.load, self.recipe.data, self.recipe.tokenizer)
             evaluated: list[int] | None = None
+            last_score = time.monotonic()
             while True:
                 try:
-                    beat = await client.heartbeat({})
+                    beat = await client.heartbeat({"audits": self.audits})
                 except PeerError as exc:
                     if exc.status == 409:
                         await client.register(0.0)
@@ -82,27 +112,109 @@ class Validator:
                     log.warning("heartbeat failed: %s", exc)
                     await asyncio.sleep(interval)
                     continue
-                versions = [v["version"] for v in beat["versions"]]
+                self.latest = [v["version"] for v in beat["versions"]]
+                try:
+                    await self.audit_new_work()
+                    if time.monotonic() - last_score >= self.config.score_every or beat["status"] == "finished":
+                        await self.publish_scores()
+                        last_score = time.monotonic()
+                except NetError as exc:
+                    log.warning("auditing or scoring failed this round: %s", exc)
+                versions = list(self.latest)
                 if versions != evaluated:
-                    states = []
-                    for stage in range(recipe.stages):
-                        version, digest, state = await client.weights(stage)
-                        if hashlib.sha256(state).hexdigest() != digest:
-                            raise NetError(f"stage {stage} weights do not match their digest")
-                        states.append(state)
-                        versions[stage] = version
                     evaluated = versions
-                    try:
-                        loss = await asyncio.to_thread(evaluate_state, recipe, vocab_size, states, val,
-                                                       self.config.batches)
-                    except ValueError as exc:  # e.g. activations too large to encode: the model diverged
-                        log.error("the merged model at versions %s cannot be evaluated: %s", versions, exc)
-                        continue
-                    if not math.isfinite(loss):
-                        log.error("the merged model at versions %s has a non-finite loss", versions)
-                        continue
-                    await client.evaluation(versions, loss)
-                    log.info("validation loss %.4f at versions %s", loss, versions)
+                    await self.evaluate(versions, val)
                 elif beat["status"] == "finished":
                     return
                 await asyncio.sleep(interval)
+
+    async def evaluate(self, versions: list[int], val: iota.data.TokenDataset) -> None:
+        states = []
+        for stage in range(self.recipe.stages):
+            version, digest, state = await self.orchestrator.weights(stage, versions[stage])
+            if hashlib.sha256(state).hexdigest() != digest:
+                raise NetError(f"stage {stage} weights do not match their digest")
+            states.append(state)
+        try:
+            loss = await asyncio.to_thread(evaluate_state, self.recipe, self.vocab_size, states, val,
+                                           self.config.batches)
+        except ValueError as exc:  # e.g. activations too large to encode: the model diverged
+            log.error("the merged model at versions %s cannot be evaluated: %s", versions, exc)
+            return
+        if not math.isfinite(loss):
+            log.error("the merged model at versions %s has a non-finite loss", versions)
+            return
+        await self.orchestrator.evaluation(versions, loss)
+        log.info("validation loss %.4f at versions %s", loss, versions)
+
+    # -- audits ----------------------------------------------------------------------
+
+    async def audit_new_work(self) -> None:
+        rows = await self.orchestrator.work(self.since)
+        if not rows:
+            return
+        self.since = rows[-1]["row"]
+        self.paths.extend(PathLoss(r["sample"], r["loss"], tuple(r["path"])) for r in rows)
+        del self.paths[:-self.config.score_window]
+        chosen = [r for r in rows if self.rng.random() < self.config.audit_rate]
+        if not chosen:
+            return
+        addresses = {m["hotkey"]: m["address"] for st in (await self.client.get_json(
+            self.orchestrator_address, "/api/state", receiver=self.orchestrator_hotkey,
+            timeout=self.config.timeout))["stages"] for m in st["miners"]}
+        for row in reversed(chosen):  # newest first: the miner still keeps it
+            stage = self.rng.randrange(self.recipe.stages)
+            hotkey = row["path"][stage]
+            if hotkey in self.flagged or hotkey not in addresses:
+                continue
+            await self.audit(row, stage, hotkey, addresses[hotkey])
+
+    async def audit(self, row: dict[str, Any], stage: int, hotkey: str, address: str) -> None:
+        try:
+            body = await self.client.post_bytes(address, "/audit", pack({"sample": row["sample"],
+                                                                          "attempt": row["attempt"]}),
+                                                receiver=hotkey, timeout=self.config.timeout, max_response=1 << 30)
+        except PeerError as exc:
+            if exc.status == 404:
+                self.audits["unavailable"] += 1
+                return
+            raise
+        header, payload = unpack(body)
+        worker = await self.scratch_worker(stage)
+        latest = self.latest[stage]
+        versions = {row["commits"][stage].get("global_version", -1)}
+        for v in versions:
+            if v >= 0 and (stage, v) not in self.global_cache:
+                _, _, state = await self.orchestrator.weights(stage, v)
+                outer = OuterNesterov(flatten(worker.params))
+                outer.load_bytes(state)
+                self.global_cache[(stage, v)] = outer.weights
+        verdict = await asyncio.to_thread(check, worker, row["sample"], row["attempt"], header, bytes(payload),
+                                          row["commits"], row["loss"], latest,
+                                          lambda v: self.global_cache[(stage, v)])
+        if verdict.ok:
+            self.audits["passed"] += 1
+            return
+        self.audits["failed"] += 1
+        self.flagged[hotkey] = time.monotonic()
+        log.warning("miner %s failed an audit: %s %s", hotkey, verdict.reason, verdict.detail)
+        await self.orchestrator.flag(hotkey, verdict.reason, verdict.detail)
+
+    async def scratch_worker(self, stage: int) -> StageWorker:
+        if stage not in self.scratch:
+            self.scratch[stage] = await asyncio.to_thread(StageWorker, self.recipe, self.vocab_size, stage, self.train)
+        return self.scratch[stage]
+
+    # -- scores ------------------------------------------------------------------------
+
+    async def publish_scores(self) -> None:
+        scores = score_miners(self.paths, self.flagged)
+        if not scores:
+            return
+        await self.orchestrator.scores({h: asdict(s) for h, s in scores.items()})
+        weights = weights_of(scores)
+        if any(w > 0 for w in weights.values()):
+            try:
+                await self.chain.publish_weights(self.signer, weights)
+            except ChainError as exc:
+                log.warning("could not publish weights: %s", exc)

@@ -1,0 +1,81 @@
+"""Checking one forward a miner did, from what it vouched for and what it hands over.
+
+Along the pipeline every miner attaches a commitment to what it sends (the
+sha256 of its output frame and of its weights, its merged-weights version,
+its backward passes since the last merge); the next miner checks the frame
+against it and the last stage reports all of them with the loss. An audit
+asks the miner for that forward's input, output and weights, and the
+validator recomputes it. Compressed frames are compared after decoding, by
+relative error, because two machines' float arithmetic may differ in the
+last bit and move a value across a quantization boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from iota.allreduce.outer import unflatten_into
+from iota.codec import Codec
+from iota.miner.worker import StageWorker, weights_digest
+
+# Honest recomputation differs by rounding only; noise sent in place of the work differs by ~100%.
+MAX_RELATIVE_ERROR = 0.05
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.float() - b.float()) / (torch.linalg.vector_norm(b.float()) + 1e-12))
+
+
+def check(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any], payload: bytes,
+          commits: list[dict[str, Any]], recorded_loss: float, latest_version: int,
+          global_weights: Callable[[int], torch.Tensor]) -> Verdict:
+    """Judge an audit answer (`header`, `payload` from the miner's /audit) of stage `worker.index`.
+
+    `commits` are the sample's recorded commitments (one per stage) and
+    `recorded_loss` the loss the last stage reported for it;
+    `global_weights(v)` gives the stage's merged weights of version v.
+    `worker` is a scratch worker of the stage: its weights are overwritten.
+    """
+    stage = worker.index
+    commit = commits[stage]
+    n_in, n_out = int(header["input_bytes"]), int(header["output_bytes"])
+    inputs, output, weights_bytes = payload[:n_in], payload[n_in:n_in + n_out], payload[n_in + n_out:]
+    where = {"sample": sample, "attempt": attempt, "stage": stage}
+    if hashlib.sha256(output).hexdigest() != commit["output"]:
+        return Verdict(False, "audit_output_mismatch", {**where, "why": "the output shown is not the one sent"})
+    weights = torch.frombuffer(bytearray(weights_bytes), dtype=torch.float32)
+    if weights.numel() != sum(p.numel() for p in worker.params) or weights_digest(weights) != commit["weights"]:
+        return Verdict(False, "audit_weights_mismatch", {**where, "why": "the weights shown are not the ones vouched for"})
+    if stage > 0 and hashlib.sha256(inputs).hexdigest() != commits[stage - 1]["output"]:
+        return Verdict(False, "audit_input_mismatch", {**where, "why": "the input shown is not the one received"})
+    if commit["global_version"] < latest_version - 1:
+        return Verdict(False, "stale_weights", {**where, "global_version": commit["global_version"],
+                                                "latest_version": latest_version})
+    if (commit["backward_since_merge"] >= worker.recipe.accumulate and commit["global_version"] >= 0
+            and torch.equal(weights, global_weights(commit["global_version"]))):
+        return Verdict(False, "skipped_training", {**where, "backward_since_merge": commit["backward_since_merge"]})
+
+    unflatten_into(weights, worker.params)
+    worker.kept.clear()
+    recomputed, loss = worker.forward(sample, attempt, bytes(inputs) if stage > 0 else None)
+    worker.kept.clear()
+    worker.work.clear()
+    error = relative_error(Codec.decode(recomputed), Codec.decode(bytes(output)))
+    if error > MAX_RELATIVE_ERROR:
+        return Verdict(False, "wrong_output", {**where, "relative_error": round(error, 4)})
+    if loss is not None and not math.isclose(loss, recorded_loss, rel_tol=1e-3, abs_tol=1e-3):
+        return Verdict(False, "wrong_loss", {**where, "loss": recorded_loss, "recomputed": round(loss, 5)})
+    return Verdict(True, detail={**where, "relative_error": error})
