@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from iota.allreduce import AllReduceConfig

@@ -10,8 +10,6 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,55 +23,10 @@ from iota.model.boundary import BoundaryLink
 from iota.model.recipe import Recipe
 from iota.net import PeerError, SignedClient
 from iota.net.envelope import pack
-from iota.node.local import VALIDATOR_KEY, LocalSwarm, miner_key
+from iota.node.local import VALIDATOR_KEY, LocalSwarm
+from tests.node.swarm import TINY, loss_fell, run_until
 
 pytestmark = pytest.mark.slow
-
-TINY = Recipe(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, stages=2, batch=4, seq_len=64, samples=120,
-              merge_every=30, warmup_samples=10)
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def run_until(swarm: LocalSwarm, done: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-    """Poll the orchestrator (replacing dead miners) until `done(state)`; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        swarm.supervise()
-        try:
-            state = swarm.state()
-            if done(state):
-                return state
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {c.name}\n" + c.log.read_text()[-2000:] for c in swarm.children.values())
-            raise AssertionError(f"swarm did not get there within {timeout}s\n{logs}")
-        time.sleep(0.25)
-
-
-@pytest.fixture
-def swarm_factory(tmp_path: Path):
-    swarms: list[LocalSwarm] = []
-
-    def make(recipe: Recipe = TINY, **options: Any) -> LocalSwarm:
-        swarm = LocalSwarm(tmp_path / f"run{len(swarms)}", recipe, threads=1, **options)
-        swarms.append(swarm)
-        swarm.start()
-        return swarm
-
-    yield make
-    for swarm in swarms:
-        swarm.stop()
-        assert all(c.process.poll() is not None for c in swarm.children.values())
-
-
-def loss_fell(state: dict[str, Any], by: float) -> bool:
-    losses = [loss for _, loss in state["losses"]]
-    return mean(losses[-10:]) < mean(losses[:10]) - by
-
 
 def miner_hotkeys(state: dict[str, Any], stage: int) -> list[str]:
     return [m["hotkey"] for m in state["stages"][stage]["miners"]]

@@ -21,6 +21,9 @@ class OrchestratorConfig:
     `rebalance_gain`: move a miner to another stage only if the pipeline's
     slowest stage gets at least this much faster (hysteresis against
     flapping); at most one move per `rebalance_every` seconds.
+
+    A miner a validator flagged is left out of its stage's merges for
+    `flag_memory` seconds after the flag.
     """
 
     heartbeat: float = 0.5
@@ -32,6 +35,7 @@ class OrchestratorConfig:
     min_throughput: float = 1e6
     rebalance_gain: float = 0.25
     rebalance_every: float = 10.0
+    flag_memory: float = 300.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -314,7 +314,7 @@ class Orchestrator:
 
     @route_policy(roles=("validator",))
     async def flag(self, request: web.Request) -> web.Response:
-        """A validator caught a miner: it is left out of its stage's next merge and scores 0 while flagged."""
+        """A validator caught a miner: it sits out merges for `flag_memory` seconds and scores 0 while flagged."""
         validator = self._member(request)
         body = self._json(request)
         hotkey, reason, detail = body.get("hotkey"), body.get("reason"), body.get("detail", {})
@@ -438,8 +438,8 @@ class Orchestrator:
                 log.warning("stage %d merge round %d timed out; training goes on", s, phase.round)
             return
         due = phase.since_merge >= self.recipe.merge_every or (final and phase.since_merge > 0)
-        # Miners flagged since this stage's last merge opened sit this one out.
-        excluded = self.flagged(phase.opened)
+        # Miners a validator flagged lately sit merges out: their contributions cannot be trusted.
+        excluded = self.flagged(time.time() - self.config.flag_memory)
         members = [{"hotkey": n.hotkey, "address": n.merge_address}
                    for n in self.store.nodes(role="miner") if n.stage == s and n.hotkey not in excluded]
         if due and members:
