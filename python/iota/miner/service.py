@@ -273,12 +273,7 @@ class Miner:
         if worker is None or found is None:
             return json_error(404, "NotKept", f"sample {header['sample']} attempt {header['attempt']} is not "
                                               "among the recent forwards kept for audits")
-        work, weights = found
-        commitment = worker.commitment(header["sample"], header["attempt"])
-        inputs = work.input or b""
-        body = pack({**commitment, "loss": work.loss, "input_bytes": len(inputs), "output_bytes": len(work.output)},
-                    inputs + work.output + weights.numpy().tobytes())
-        return web.Response(body=body, content_type="application/octet-stream")
+        return web.Response(body=pack(*found), content_type="application/octet-stream")
 
     def _envelope(self, request: web.Request) -> tuple[dict[str, Any], memoryview]:
         try:

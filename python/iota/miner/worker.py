@@ -127,7 +127,7 @@ class StageWorker:
         else:
             x = self._decode(frame, self.in_width).requires_grad_()
         extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
-        version = self.version
+        version, since_merge = self.version, self.samples_since_merge  # as the weights were at this forward
         self._snapshot()
         if self.is_last:
             loss = self.module(x, targets, **extra)
@@ -143,8 +143,7 @@ class StageWorker:
             value = None
             out = self._encode(self._noise(output) if self.adversary == "random" else output, self.forward_codec,
                                sample, attempt, "forward")
-        self.work[(sample, attempt)] = Work(version, None if frame is None else bytes(frame), out, value,
-                                            self.samples_since_merge)
+        self.work[(sample, attempt)] = Work(version, None if frame is None else bytes(frame), out, value, since_merge)
         while len(self.work) > KEEP_WORK:
             self.work.popitem(last=False)
         return out, value
@@ -167,12 +166,19 @@ class StageWorker:
                 "weights": self.snapshots[work.version][1], "global_version": self.global_version,
                 "backward_since_merge": work.backward_since_merge}
 
-    def audit(self, sample: int, attempt: int) -> tuple[Work, torch.Tensor] | None:
-        """The record and the weights of a recent forward, or None if they are no longer kept."""
+    def audit(self, sample: int, attempt: int) -> tuple[dict[str, object], bytes] | None:
+        """A recent forward for a validator, as (header, payload), or None if it is no longer kept.
+
+        The header is the commitment plus the loss and section sizes; the
+        payload is the input frame, the output frame and the flat float32 weights.
+        """
         work = self.work.get((sample, attempt))
         if work is None or work.version not in self.snapshots:
             return None
-        return work, self.snapshots[work.version][0]
+        inputs = work.input or b""
+        header = {**self.commitment(sample, attempt), "loss": work.loss, "input_bytes": len(inputs),
+                  "output_bytes": len(work.output)}
+        return header, inputs + work.output + self.snapshots[work.version][0].numpy().tobytes()
 
     def backward(self, sample: int, attempt: int, frame: bytes) -> bytes | None:
         """Backward of a kept forward; returns the gradient frame for the previous stage (None on stage 0)."""
