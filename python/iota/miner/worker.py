@@ -36,7 +36,7 @@ class WorkError(IotaError):
 
 
 ADVERSARIES = ("random", "stale", "lazy")
-KEEP_VERSIONS = 8  # weight snapshots kept for audits
+KEEP_VERSIONS = 32  # weight snapshots kept for audits (validators audit work seconds old)
 KEEP_WORK = 64  # recent forwards kept for audits
 
 

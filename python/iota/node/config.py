@@ -15,8 +15,8 @@ def read_toml(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SystemExit(f"cannot read the config file {path}: {exc}") from None
 
 
@@ -37,6 +37,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", 
 def build(cls: type[T], section: dict[str, Any], args: argparse.Namespace, *, prefix: str = "",
           **fixed: Any) -> T:
     """`cls` from the TOML `section`, overridden by flags given on the command line."""
+    if not isinstance(section, dict):
+        raise SystemExit(f"the settings for {cls.__name__} must be a TOML table ([section]), got {section!r}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(section) - names)
     if unknown:

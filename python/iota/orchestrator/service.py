@@ -440,12 +440,26 @@ class Orchestrator:
         due = phase.since_merge >= self.recipe.merge_every or (final and phase.since_merge > 0)
         # Miners a validator flagged lately sit merges out: their contributions cannot be trusted.
         excluded = self.flagged(time.time() - self.config.flag_memory)
+        # A member that did not contribute to the stage's last merged round (it never joined) would
+        # make every round wait for it: it sits out until it has caught up by loading the merged weights.
+        excluded |= self._absent(s, phase.round)
         members = [{"hotkey": n.hotkey, "address": n.merge_address}
                    for n in self.store.nodes(role="miner") if n.stage == s and n.hotkey not in excluded]
         if due and members:
             deadline = now + self.config.merge_timeout(self.weight_bytes[s])
             opened = self.store.open_merge(s, members, deadline)
             log.info("stage %d merge round %d among %d miners", s, opened.round, len(members))
+
+    def _absent(self, s: int, round_: int) -> set[str]:
+        last = next((m for m in self.store.merges() if m["stage"] == s and m["round"] == round_), None)
+        if last is None or last["outcome"] != "merged":
+            return set()
+        members = {m["hotkey"] for m in self.store.stage(s).members}
+        absent = members - set(json.loads(last["detail"]).get("contributors", []))
+        latest = self.store.latest_version(s)
+        # Caught up: heartbeats say it now holds the latest merged weights.
+        return {h for h in absent if (node := self.store.node(h)) is None or latest is None
+                or node.stats.get("version") != latest.version}
 
     def _rebalance(self, now: float) -> None:
         miners = [[(n.hotkey, max(n.flops, 1.0)) for n in self.store.nodes(role="miner") if n.stage == s]

@@ -49,7 +49,7 @@ class ValidatorConfig:
 
     batches: int = 4
     timeout: float = 30.0
-    audit_rate: float = 0.2
+    audit_rate: float = 0.5
     score_every: float = 5.0
     score_window: int = 400
     seed: int = 0
