@@ -71,3 +71,14 @@ class Chain(ABC):
     @abstractmethod
     async def weights(self, validator_hotkey: str) -> dict[str, float]:
         """The weights `validator_hotkey` last published (empty if none)."""
+
+
+def weights_total(weights: Mapping[str, float]) -> float:
+    """The sum of weights to publish; ChainError if any is negative or not finite, or all are 0."""
+    bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        raise ChainError(f"weights must be finite and >= 0, got {bad}")
+    total = math.fsum(weights.values())
+    if total <= 0:
+        raise ChainError("weights sum to 0; give at least one hotkey a positive weight")
+    return total

@@ -53,7 +53,7 @@ from bittensor.signing import public_view
 from bittensor.sp_core import Keypair, KeyfileError, WrongPasswordError, ss58_decode
 from bittensor.wallet import DEFAULT_WALLET_PATH, Wallet
 
-from iota.chain.base import Chain, ChainError, Neuron, Role
+from iota.chain.base import Chain, ChainError, Neuron, Role, weights_total
 
 if TYPE_CHECKING:
     from bittensor.signing import Signer
@@ -327,12 +327,7 @@ class BittensorChain(Chain):
         unless `wait` is true: then it sleeps until the limit passes (at most
         `max_wait` seconds, else it raises) and submits again.
         """
-        bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ChainError(f"weights must be finite and >= 0, got {bad}")
-        total = math.fsum(weights.values())
-        if total <= 0:
-            raise ChainError("weights sum to 0; give at least one hotkey a positive weight")
+        total = weights_total(weights)
         hotkey = public_view(validator, "hotkey").ss58_address
         loop = asyncio.get_running_loop()
         deadline = None if max_wait is None else loop.time() + max_wait

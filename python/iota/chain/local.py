@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bittensor.sp_core import ss58_decode
 
-from iota.chain.base import Chain, ChainError, Neuron, Role
+from iota.chain.base import Chain, ChainError, Neuron, Role, weights_total
 
 if TYPE_CHECKING:
     from bittensor.signing import Signer
@@ -78,12 +78,7 @@ class LocalChain(Chain):
         unknown = sorted(set(weights) - set(self._neurons))
         if unknown:
             raise ChainError(f"weights name unregistered hotkeys {unknown}; drop them or register them first")
-        bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ChainError(f"weights must be finite and >= 0, got {bad}")
-        total = math.fsum(weights.values())
-        if total <= 0:
-            raise ChainError("weights sum to 0; give at least one hotkey a positive weight")
+        total = weights_total(weights)
         self._weights[hotkey] = {k: w / total for k, w in weights.items()}
 
     async def weights(self, validator_hotkey: str) -> dict[str, float]:
