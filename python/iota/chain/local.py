@@ -8,7 +8,6 @@ carry that view between processes through one JSON file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
