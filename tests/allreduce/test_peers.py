@@ -72,6 +72,14 @@ def test_four_peers_return_the_same_weighted_mean():
         assert all(s.complete and s.served_by for s in report.shards)
         assert report.bytes_sent > 0 and report.bytes_received > 0 and report.duration > 0
         assert report.to_json()["contributors"] == report.contributors
+    # Every peer gets the contributions' inner products (sorted hotkey order), within int8's error.
+    order = sorted(range(4), key=lambda i: peers[i].hotkey)
+    stacked = torch.stack([xs[i].double() for i in order])
+    exact_gram = stacked @ stacked.T
+    for result in results:
+        gram = torch.tensor(result.report.gram, dtype=torch.float64)
+        assert gram.shape == (4, 4) and torch.equal(gram, torch.tensor(results[0].report.gram, dtype=torch.float64))
+        assert torch.allclose(gram, exact_gram, rtol=1e-3, atol=10.0)
 
 
 def test_a_round_of_one_is_the_codec_round_trip():

@@ -354,3 +354,19 @@ def test_load_global_of_anothers_outer_state_gives_identical_parameters(data):
     with pytest.raises(GroupError, match="not an outer-optimizer state"):
         b.load_global(7, "x", b"garbage")
     assert torch.equal(flatten(b.params), kept) and b.global_version == 6
+
+
+def test_the_poison_adversary_merges_large_noise_instead_of_its_training(data):
+    train, vocab = data
+    poisoner = StageWorker(recipe(), vocab, 0, train, adversary="poison")
+    chain = [poisoner, StageWorker(recipe(), vocab, 1, train)]
+    for k in range(4):
+        run_sample(chain, sample=k)
+    trained = poisoner.outer.pseudo_gradient(flatten(poisoner.params))
+    assert trained.norm() > 0  # it trains like anyone
+    version = poisoner.version
+    poisoner.poison()
+    merged = poisoner.outer.pseudo_gradient(flatten(poisoner.params))
+    assert poisoner.version == version + 1  # its kept graphs are no longer valid
+    assert float(merged.norm() / trained.norm()) == pytest.approx(worker_module.POISON_SCALE, rel=1e-3)
+    assert abs(float(torch.nn.functional.cosine_similarity(merged, trained, dim=0))) < 0.1

@@ -9,7 +9,8 @@ contributors, gather the reduced shards.
    holds; a later register holding anything else fails the round. Every peer
    does this, so the first live register settles it for all of them.
 3. Gather: fetch each part of the mean from a holder (this peer, else the
-   owner, else the backup) under that decision, checking it is that decision.
+   owner, else the backup) under that decision, checking it is that decision;
+   then the inner products of the contributions to each shard (for validators).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class ButterflyRound:
         self.served_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
         self.served_parts: set[int] = set()
         self.decision: Decision | None = None
+        self.gram: list[list[float]] | None = None
         self.timings: dict[str, float] = {}
         self.started_at = 0.0
 
@@ -98,6 +100,7 @@ class ButterflyRound:
             self.decision = await self.decide()
             lap("decide")
             mean, frames = await self.gather(self.decision)
+            self.gram = await self.gather_gram(self.decision)
             lap("gather")
         except RoundFailed as exc:
             report = self.report(time.monotonic() - started, error=str(exc))
@@ -256,6 +259,34 @@ class ButterflyRound:
         await run_all(fetch(part) for part in self.plan.parts)
         return mean, frames
 
+    async def gather_gram(self, decision: Decision) -> list[list[float]] | None:
+        """The contributions' inner products: each shard's from a holder that served
+        its mean, summed. None if one cannot be had (the mean stands regardless)."""
+        order = sorted(decision.contributors)
+
+        async def fetch(shard: int) -> torch.Tensor | None:
+            for holder in (h for h in self._sources(shard) if h in self.served_by[shard]):
+                try:
+                    if holder == self.me:
+                        reply = await self.holder.gram(shard, decision.key)
+                    else:
+                        path = self._path(f"grams/{shard}", decision=decision.key)
+                        reply = json.loads(await self._call(holder, "GET", path, b"", self.config.wait_bound(0)))
+                    gram = torch.tensor(reply["gram"], dtype=torch.float64)
+                    if reply["contributors"] != order or gram.shape != (len(order), len(order)):
+                        raise ValueError(f"a Gram matrix of {reply['contributors']}, not of {order}")
+                    return gram
+                except (Refusal, NetError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("round %s: no Gram matrix of shard %d from %s: %s",
+                                self.plan.group.round_id, shard, holder, exc)
+            return None
+
+        shards = [s for s in range(self.plan.size) if self.plan.shard_parts[s]]
+        grams = await asyncio.gather(*(fetch(s) for s in shards))
+        if any(g is None for g in grams):
+            return None
+        return torch.stack(grams).sum(0).tolist()  # type: ignore[arg-type]
+
     def _sources(self, shard: int) -> list[str]:
         """Where to fetch a shard: here if we hold it, then owner, then backup; known-dead last."""
         holders = sorted(self.plan.holders(shard), key=lambda h: h != self.me)
@@ -307,5 +338,6 @@ class ButterflyRound:
             bytes_received=self.traffic.received,
             duration=duration,
             phases=dict(self.timings),
+            gram=self.gram,
             error=error,
         )

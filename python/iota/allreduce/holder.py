@@ -71,12 +71,14 @@ def check_frame(frame: bytes, part: Part, codec: Codec) -> str:
     return hashlib.sha256(frame).hexdigest()
 
 
-def reduce_part(codec: Codec, inputs: list[tuple[bytes, float]], numel: int, seed: int | None) -> bytes:
-    """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec."""
+def reduce_part(codec: Codec, inputs: list[tuple[bytes, float]], numel: int, seed: int | None) -> tuple[bytes, torch.Tensor]:
+    """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec;
+    and the float64 inner products of the decoded inputs (their Gram matrix)."""
     acc = torch.zeros(numel, dtype=torch.float32)
     for frame, weight in inputs:
         Codec.decode_accumulate(frame, acc, weight)
-    return codec.encode(acc, seed=seed)
+    decoded = torch.stack([Codec.decode(frame).to(torch.float64) for frame, _ in inputs])
+    return codec.encode(acc, seed=seed), decoded @ decoded.T
 
 
 class HolderRound:
@@ -98,6 +100,7 @@ class HolderRound:
         self.have: HaveSet | None = None
         self.decision: Decision | None = None
         self.results: dict[int, bytes] = {}
+        self.grams: dict[int, torch.Tensor] = {}  # shard -> inner products of the contributions, summed over parts
         self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
         self.opened = time.monotonic()
         self._received = 0
@@ -234,9 +237,10 @@ class HolderRound:
                     inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
                     part = self.plan.parts[p]
                     seed = stochastic_seed(self.plan, "mean", p)
-                    self.results[p] = await asyncio.to_thread(
+                    self.results[p], gram = await asyncio.to_thread(
                         reduce_part, self.plan.codec, inputs, part.end - part.begin, seed
                     )
+                    self.grams[shard] = self.grams.get(shard, 0) + gram
                     del self.frames[p]  # the inputs are no longer needed
                     self._ready[p].set()
         except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
@@ -252,12 +256,28 @@ class HolderRound:
         """The mean of `part` under the decision `key` (the caller's)."""
         if part not in self.held:
             raise Refusal(404, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
+        await self._reduced([part], key)
+        return self.results[part]
+
+    async def gram(self, shard: int, key: str) -> dict[str, object]:
+        """Inner products of the contributions to `shard` under the decision `key`:
+        {"contributors": sorted hotkeys, "gram": matrix in that order}. Validators
+        read them to find merge contributions far from the others'."""
+        if shard not in self.shards:
+            raise Refusal(404, "NotHeld", f"{self.me} holds no shard {shard} of round {self.plan.group.round_id}")
+        await self._reduced(self.plan.shard_parts[shard], key)
+        assert self.decision is not None
+        return {"contributors": sorted(self.decision.contributors), "gram": self.grams[shard].tolist()}
+
+    async def _reduced(self, parts: list[int], key: str) -> None:
+        """Wait until `parts` are reduced under the decision `key`; Refusal if they cannot be."""
         bound = self.config.wait_bound(self.plan.shard_bytes(self.me) * self.plan.size)
         try:
             await asyncio.wait_for(self._decided.wait(), bound)
-            await asyncio.wait_for(self._ready[part].wait(), bound)
+            for part in parts:
+                await asyncio.wait_for(self._ready[part].wait(), bound)
         except asyncio.TimeoutError:
-            raise Refusal(409, "NotReady", f"{self.me} has no decision or mean for part {part} yet") from None
+            raise Refusal(409, "NotReady", f"{self.me} has no decision or mean for parts {parts} yet") from None
         assert self.decision is not None
         if self.decision.key != key:
             raise Refusal(
@@ -265,10 +285,9 @@ class HolderRound:
                 "DecisionMismatch",
                 f"{self.me} recorded decision {self.decision.key}, not {key}: the round split and cannot complete",
             )
-        shard = self.plan.parts[part].shard
+        shard = self.plan.parts[parts[0]].shard
         if shard in self.unservable:
             raise Refusal(409, "Incomplete", self.unservable[shard])
-        return self.results[part]
 
     def done(self, member: str) -> None:
         """`member` finished the round (with the mean or without): it fetches nothing more."""

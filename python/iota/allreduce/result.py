@@ -39,6 +39,10 @@ class AllReduceReport:
     headers not included) this peer sent and received, as client and server,
     up to the moment the report was made. `phases` has the seconds spent
     scattering parts, deciding and gathering the mean, as far as it got.
+    `gram` holds the inner products of the contributions (as the holders
+    decoded them) in sorted hotkey order, summed over shards: what a
+    validator needs to tell a contribution far from the others' (norms,
+    angles, distances); None when a holder did not give its shard's.
     """
 
     round_id: str
@@ -56,6 +60,7 @@ class AllReduceReport:
     bytes_received: int = 0
     duration: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    gram: list[list[float]] | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     GET  /allreduce/{round}/have?fp=                   the closed have-set (waits for the close)
     POST /allreduce/{round}/decision?fp=               write-once contributor decision (JSON)
     GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
+    GET  /allreduce/{round}/grams/{shard}?fp=&decision=    inner products of the shard's contributions (JSON)
     POST /allreduce/{round}/done?fp=                   the sender fetches nothing more (holders may let go)
 
 `fp` is the round plan's fingerprint: a peer whose view of the round
@@ -146,6 +147,11 @@ def holder_app(
         holder.traffic.sent += len(data)
         return await bytes_response(request, data, chunk_size=guard.chunk_size)
 
+    @route_policy(max_body=0)
+    @answer
+    async def get_gram(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
+        return reply_json(holder, await holder.gram(param(request, "shard", int), param(request, "decision", str)))
+
     async def done(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
         holder.done(sender)
         return web.Response(status=204)
@@ -158,5 +164,6 @@ def holder_app(
     app.router.add_get("/allreduce/{round}/have", get_have)
     app.router.add_post("/allreduce/{round}/decision", post_decision)
     app.router.add_get("/allreduce/{round}/results/{part}", get_result)
+    app.router.add_get("/allreduce/{round}/grams/{shard}", get_gram)
     app.router.add_post("/allreduce/{round}/done", post_done)
     return app

@@ -71,7 +71,8 @@ class MinerConfig:
     `merge_codec`: how pseudo-gradients cross in the all-reduce.
     `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
     `adversary`: misbehave on purpose, for tests and demos of the validators: "random" (send noise
-    instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer steps).
+    instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer
+    steps), "poison" (merge noise 8x the size of an honest contribution).
     """
 
     host: str = "127.0.0.1"
@@ -516,6 +517,8 @@ class Miner:
         stage, round_ = phase["stage"], phase["round"]
         group = Group(f"s{stage}-r{round_}", tuple(Member(m["hotkey"], m["address"]) for m in phase["members"]))
         started = time.monotonic()
+        if self.config.adversary == "poison":
+            await asyncio.to_thread(worker.poison)
         try:
             result = await diloco_round(peer, group, worker.outer, worker.params,
                                         float(max(worker.samples_since_merge, 1)),
@@ -528,7 +531,7 @@ class Miner:
         log.info("stage %d merge round %d done in %.1fs with %d contributors", stage, round_,
                  time.monotonic() - started, len(contributors))
         try:
-            reply = await orchestrator.merged(stage, round_, digest)
+            reply = await orchestrator.merged(stage, round_, digest, contributors, result.report.gram)
             if reply["upload"]:
                 await orchestrator.upload(stage, round_, contributors, worker.outer.to_bytes())
         except NetError as exc:

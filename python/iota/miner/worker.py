@@ -35,7 +35,8 @@ class WorkError(IotaError):
     """A forward or backward request this stage cannot do (bad frame, wrong shape, unknown sample)."""
 
 
-ADVERSARIES = ("random", "stale", "lazy")
+ADVERSARIES = ("random", "stale", "lazy", "poison")
+POISON_SCALE = 8.0  # the poison adversary's merge contribution is noise this many times the honest one's norm
 KEEP_VERSIONS = 32  # weight snapshots kept for audits (validators audit work seconds old)
 KEEP_WORK = 64  # recent forwards kept for audits
 
@@ -265,6 +266,15 @@ class StageWorker:
         self.samples_since_merge = 0
         self.version += 1
         self.global_version, self.global_digest = version, digest
+
+    def poison(self) -> None:
+        """The "poison" adversary, just before a merge: local weights whose pseudo-gradient
+        is noise POISON_SCALE times the norm of the honest one."""
+        honest = self.outer.pseudo_gradient(flatten(self.params))
+        noise = torch.randn(honest.shape, generator=self.rng)
+        noise *= POISON_SCALE * honest.norm() / noise.norm()
+        unflatten_into(self.outer.weights - noise, self.params)
+        self.version += 1
 
     def merged(self, version: int) -> str:
         """After an outer step changed the weights in place: record the new version; returns its digest."""

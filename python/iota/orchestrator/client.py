@@ -46,8 +46,16 @@ class OrchestratorClient:
     async def complete(self, sample: int, attempt: int) -> dict[str, Any]:
         return await self._post("/complete", {"sample": sample, "attempt": attempt})
 
-    async def merged(self, stage: int, round_: int, digest: str) -> dict[str, Any]:
-        return await self._post("/merged", {"stage": stage, "round": round_, "digest": digest})
+    async def merged(self, stage: int, round_: int, digest: str, contributors: list[str],
+                     gram: list[list[float]] | None) -> dict[str, Any]:
+        return await self._post("/merged", {"stage": stage, "round": round_, "digest": digest,
+                                            "contributors": contributors, "gram": gram})
+
+    async def merge_reports(self, since: int) -> list[dict[str, Any]]:
+        """Merge reports recorded after row `since`: contributors and their Gram matrix."""
+        reply = await self.client.get_json(self.address, f"/merge-reports?since={since}", receiver=self.hotkey,
+                                           timeout=self.timeout)
+        return reply["reports"]
 
     async def upload(self, stage: int, round_: int, contributors: list[str], data: bytes) -> dict[str, Any]:
         path = f"/weights/{stage}?round={round_}&contributors={','.join(contributors)}"

@@ -92,6 +92,7 @@ class Orchestrator:
         app.router.add_post("/eval", self.evaluation)
         app.router.add_get("/work", self.work)
         app.router.add_post("/flag", self.flag)
+        app.router.add_get("/merge-reports", self.merge_reports)
         app.router.add_post("/scores", self.scores)
         app.router.add_get("/", self.dashboard)
         app.router.add_get("/api/state", self.state_json)
@@ -229,6 +230,8 @@ class Orchestrator:
 
         The first report of a round is asked to upload; later ones are
         checked against what was stored (a mismatch is recorded as an event).
+        `contributors` and their `gram` (inner products, from the round's
+        holders) are kept for validators to find poisoned contributions.
         """
         hotkey = self._member(request)
         body = self._json(request)
@@ -236,6 +239,14 @@ class Orchestrator:
         digest = body.get("digest")
         if not isinstance(digest, str):
             return json_error(400, "BadRequest", "digest must be the sha256 hex of the merged state")
+        contributors, gram = body.get("contributors", []), body.get("gram")
+        if gram is not None:
+            problem = _gram_problem(contributors, gram)
+            if problem:
+                return json_error(400, "BadRequest", problem)
+            if hotkey not in contributors:
+                return json_error(403, "NotMember", f"{hotkey} reports on a round it did not contribute to")
+            self.store.add_merge_report(stage, round_, hotkey, contributors, gram)
         phase = self.store.stage(_stage_index(stage, self.recipe.stages))
         stored = self.store.version_of_round(stage, round_)
         if stored is not None:
@@ -311,6 +322,13 @@ class Orchestrator:
         self._member(request)
         since = _integer(dict(request.query), "since") if "since" in request.query else 0
         return web.json_response({"work": self.store.work(since)})
+
+    @route_policy(roles=("validator",))
+    async def merge_reports(self, request: web.Request) -> web.Response:
+        """Merge reports after row `since`: each member's view of its round's contributions."""
+        self._member(request)
+        since = _integer(dict(request.query), "since") if "since" in request.query else 0
+        return web.json_response({"reports": self.store.merge_reports(since)})
 
     @route_policy(roles=("validator",))
     async def flag(self, request: web.Request) -> web.Response:
@@ -496,6 +514,18 @@ def _number(body: dict[str, Any], key: str, *, minimum: float | None = None) -> 
         raise JsonHTTPError(400, "BadRequest", f"{key} must be a finite number"
                              + ("" if minimum is None else f" >= {minimum}") + f", got {value!r}")
     return float(value)
+
+
+def _gram_problem(contributors: Any, gram: Any) -> str | None:
+    """Why (contributors, gram) is not a list of hotkeys with a square matrix of finite numbers for them."""
+    if not (isinstance(contributors, list) and contributors and all(isinstance(c, str) for c in contributors)):
+        return "contributors must list the round's contributor hotkeys"
+    n = len(contributors)
+    if not (isinstance(gram, list) and len(gram) == n and all(isinstance(row, list) and len(row) == n for row in gram)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for row in gram for v in row)):
+        return f"gram must be a {n}x{n} matrix of finite numbers (the contributions' inner products)"
+    return None
 
 
 def _integer(body: dict[str, Any], key: str) -> int:

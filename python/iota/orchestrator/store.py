@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS versions(
 CREATE TABLE IF NOT EXISTS merges(
     stage INTEGER NOT NULL, round INTEGER NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL, detail TEXT NOT NULL,
     PRIMARY KEY(stage, round));
+CREATE TABLE IF NOT EXISTS merge_reports(
+    stage INTEGER NOT NULL, round INTEGER NOT NULL, hotkey TEXT NOT NULL, contributors TEXT NOT NULL,
+    gram TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY(stage, round, hotkey));
 CREATE TABLE IF NOT EXISTS evals(
     at REAL NOT NULL, versions TEXT NOT NULL, val_loss REAL NOT NULL, node TEXT NOT NULL, samples_done INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events(at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -303,6 +306,19 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO merges VALUES(?, ?, ?, ?, ?)",
                            (s, round_, outcome, time.time(), json.dumps(detail)))
         return cursor.rowcount == 1
+
+    def add_merge_report(self, s: int, round_: int, hotkey: str, contributors: list[str],
+                         gram: list[list[float]]) -> None:
+        """What a member of merge round `round_` learned about the contributions (one report per member)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO merge_reports VALUES(?, ?, ?, ?, ?, ?)",
+                       (s, round_, hotkey, json.dumps(contributors), json.dumps(gram), time.time()))
+
+    def merge_reports(self, since: int, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT rowid, * FROM merge_reports WHERE rowid>? ORDER BY rowid LIMIT ?",
+                               (since, limit))
+        return [{"row": r["rowid"], "stage": r["stage"], "round": r["round"], "reporter": r["hotkey"],
+                 "contributors": json.loads(r["contributors"]), "gram": json.loads(r["gram"])} for r in rows]
 
     def merges(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM merges ORDER BY at")]

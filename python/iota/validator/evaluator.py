@@ -1,7 +1,8 @@
 """A validator: it follows the merged model (the validation loss of every
 new set of merged weights), audits a random share of the miners' finished
-work by recomputing it (iota.validator.audit) and flags the miners that fail,
-and scores miners from the losses of the paths through them
+work by recomputing it (iota.validator.audit) and every merge round's
+contributions against their consensus (iota.validator.consensus), flags the
+miners that fail, and scores miners from the losses of the paths through them
 (iota.validator.scoring), publishing the scores as chain weights."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from iota.net import NetError, PeerError, SignedClient
 from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
 from iota.validator.audit import check
+from iota.validator.consensus import MergeVotes
 from iota.validator.scoring import PathLoss, score_miners, weights_of
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class Validator:
         self.rng = random.Random(f"{self.config.seed}/{self.signer.ss58_address}")
         self.paths: list[PathLoss] = []
         self.since = 0
+        self.merge_since = 0
+        self.merge_votes = MergeVotes()
         self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
         self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
         self.scratch: dict[int, StageWorker] = {}
@@ -115,6 +119,7 @@ class Validator:
                 self.latest = [v["version"] for v in beat["versions"]]
                 try:
                     await self.audit_new_work()
+                    await self.check_merges()
                     if time.monotonic() - last_score >= self.config.score_every or beat["status"] == "finished":
                         await self.publish_scores()
                         last_score = time.monotonic()
@@ -199,6 +204,22 @@ class Validator:
         self.flagged[hotkey] = time.monotonic()
         log.warning("miner %s failed an audit: %s %s", hotkey, verdict.reason, verdict.detail)
         await self.orchestrator.flag(hotkey, verdict.reason, verdict.detail)
+
+    async def check_merges(self) -> None:
+        """Tally new merge reports; flag a contributor a majority of its round reports far off."""
+        reports = await self.orchestrator.merge_reports(self.merge_since)
+        for report in reports:
+            self.merge_since = report["row"]
+            if report["reporter"] not in report["contributors"]:
+                continue
+            found = self.merge_votes.add(report["stage"], report["round"], report["reporter"],
+                                         report["contributors"], report["gram"])
+            for hotkey, figures in found.items():
+                self.flagged[hotkey] = time.monotonic()
+                detail = {"stage": report["stage"], "round": report["round"], **figures}
+                log.warning("miner %s poisoned merge round %d of stage %d: %s", hotkey, report["round"],
+                            report["stage"], figures)
+                await self.orchestrator.flag(hotkey, "poisoned_merge", detail)
 
     async def scratch_worker(self, stage: int) -> StageWorker:
         if stage not in self.scratch:
