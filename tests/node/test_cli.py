@@ -20,6 +20,8 @@ from iota.node.__main__ import main
 from iota.orchestrator.config import OrchestratorConfig
 from iota.validator import ValidatorConfig
 
+BITTENSOR_FLAGS = ["--network", "--netuid", "--wallet-name", "--wallet-hotkey", "--wallet-path",
+                   "--orchestrator-hotkeys"]
 SOURCE = str(Path(iota.__file__).resolve().parent.parent)
 
 HELP_FLAGS = {
@@ -27,14 +29,14 @@ HELP_FLAGS = {
     "local": ["--config", "--miners-per-stage", "--steps", "--dir", "--report", "--no-live", "--adversary",
               "--dim", "--n-layers", "--stages", "--compression", "--batch", "--seq-len", "--accumulate",
               "--merge-every", "--outer-lr", "--threads"],
-    "orchestrator": ["--config", "--key", "--chain", "--dir", "--host", "--port", "--dim", "--stages",
-                     "--compression", "--samples", "--heartbeat", "--missed-heartbeats", "--lease-floor",
+    "orchestrator": ["--config", "--key", "--chain", *BITTENSOR_FLAGS, "--dir", "--host", "--port", "--dim",
+                     "--stages", "--compression", "--samples", "--heartbeat", "--missed-heartbeats", "--lease-floor",
                      "--merge-floor", "--rebalance-gain", "--flag-memory"],
-    "miner": ["--config", "--key", "--chain", "--orchestrator", "--orchestrator-hotkey", "--host", "--port",
-              "--merge-port", "--window", "--queue", "--timeout", "--ban-base", "--ban-max", "--merge-codec",
+    "miner": ["--config", "--key", "--chain", *BITTENSOR_FLAGS, "--orchestrator", "--orchestrator-hotkey", "--host",
+              "--port", "--merge-port", "--window", "--queue", "--timeout", "--ban-base", "--ban-max", "--merge-codec",
               "--flops", "--adversary"],
-    "validator": ["--config", "--key", "--chain", "--orchestrator", "--batches", "--timeout", "--audit-rate",
-                  "--score-every", "--score-window"],
+    "validator": ["--config", "--key", "--chain", *BITTENSOR_FLAGS, "--orchestrator", "--orchestrator-hotkey",
+                  "--batches", "--timeout", "--audit-rate", "--score-every", "--score-window"],
 }
 
 
@@ -217,4 +219,4 @@ def test_malformed_command_lines_are_usage_errors(capsys):
         assert exc.value.code == 2, argv
     err = capsys.readouterr().err
     assert "invalid int value: 'wide'" in err
-    assert "the following arguments are required: --chain, --orchestrator" in err
+    assert "the following arguments are required: --orchestrator" in err  # --key/--chain: see test_chain_flags

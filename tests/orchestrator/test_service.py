@@ -217,7 +217,9 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         assert await h.refusal(last.loss(0, 0, float("nan"), path, commits_of(path))) == (400, "BadRequest")
         # Commitments must name the path's miners in order.
         assert await h.refusal(last.loss(0, 0, 4.5, path, commits_of(path[::-1]))) == (400, "BadRequest")
-        assert (await h.orchestrator_work(0))[0]["commits"] == commits_of(path)
+        work = await h.orchestrator_work(0)
+        assert work[0]["commits"] == commits_of(path)
+        assert work[0]["versions"] == [0, 0]  # the stages' versions when the loss was recorded
         assert await first.complete(0, 0) == {"accepted": True}
         assert await first.complete(0, 0) == {"accepted": False}  # once
         state = orchestrator.state()
@@ -277,6 +279,8 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         assert version == 0 and hashlib.sha256(got).hexdigest() == got_digest == store.latest_version(1).digest
         beat = await first.heartbeat({})
         assert beat["versions"][0] == {"version": 1, "digest": digest}
+        await h.train_samples(1)
+        assert (await h.orchestrator_work(0))[-1]["versions"] == [1, 0]
 
         # Stage 1's round: wrong sizes and garbage are refused with 400, a non-member with 403.
         assert await h.refusal(last.upload(1, 1, [], h.stage_bytes(0, seed=4))) == (400, "BadWeights")
@@ -295,7 +299,7 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         assert await h.client("validator").evaluation([1, 1], 4.2) == {"accepted": True}
         evals = orchestrator.state()["evals"]
         assert [(e["versions"], e["val_loss"], e["node"], e["samples_done"]) for e in evals] == [
-            ([1, 1], 4.2, HOTKEY["validator"], 3)]
+            ([1, 1], 4.2, HOTKEY["validator"], 4)]
 
     run(store, body)
 
@@ -344,6 +348,36 @@ def test_a_run_finishes_with_a_last_merge_and_exports_the_merged_model(store: St
             outer = OuterNesterov(torch.zeros(orchestrator.weight_bytes[s] // 4))
             outer.load_bytes(uploaded[s])
             assert torch.equal(flatten(list(stage.parameters())), outer.weights)
+
+    run(store, body)
+
+
+def test_flagged_miners_sit_out_merges_and_a_stage_with_none_left_does_not_hold_the_run(store: Store) -> None:
+    async def body(h: Harness) -> None:
+        orchestrator = h.orchestrator
+        assert [await h.register_miner(n) for n in ("miner-a", "miner-b", "miner-c")] == [0, 1, 1]
+        validator = h.client("validator")
+        await validator.register(0.0)
+        assert await h.refusal(validator.flag(HOTKEY["validator"], "wrong_output", {})) == (404, "NoSuchMiner")
+        assert await h.refusal(validator.flag(HOTKEY["miner-c"], "", {})) == (400, "BadRequest")
+        assert await h.refusal(h.client("miner-a").flag(HOTKEY["miner-c"], "x", {})) == (403, "WrongRole")
+        assert await validator.flag(HOTKEY["miner-c"], "wrong_output", {"sample": 3}) == {"accepted": True}
+        await h.train_samples(2)
+        orchestrator.tick()
+        assert [m["hotkey"] for m in orchestrator.store.stage(1).members] == [HOTKEY["miner-b"]]
+        for s, miner in enumerate(("miner-a", "miner-b")):
+            assert await h.merge(s, miner, seed=s) == 1
+        # Now stage 1's only miner is flagged too: the last samples finish, stage 0 merges them, the run ends.
+        assert await validator.flag(HOTKEY["miner-b"], "poisoned_merge", {"round": 1}) == {"accepted": True}
+        await h.train_samples(TINY.samples - 2)
+        orchestrator.tick()
+        assert orchestrator.status == "finishing"
+        assert [orchestrator.store.stage(s).phase for s in range(2)] == ["merge", "train"]
+        assert await h.merge(0, "miner-a", seed=5) == 2
+        orchestrator.tick()
+        assert orchestrator.status == "finished"
+        assert [(f["hotkey"], f["reason"]) for f in orchestrator.state()["flags"]] == [
+            (HOTKEY["miner-c"], "wrong_output"), (HOTKEY["miner-b"], "poisoned_merge")]
 
     run(store, body)
 

@@ -72,7 +72,8 @@ class MinerConfig:
     `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
     `adversary`: misbehave on purpose, for tests and demos of the validators: "random" (send noise
     instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer
-    steps), "poison" (merge noise 8x the size of an honest contribution).
+    steps), "poison" (merge noise 8x the size of an honest contribution), "replay" (send again the
+    frame sent for another sample).
     """
 
     host: str = "127.0.0.1"

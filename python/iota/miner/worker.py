@@ -35,7 +35,7 @@ class WorkError(IotaError):
     """A forward or backward request this stage cannot do (bad frame, wrong shape, unknown sample)."""
 
 
-ADVERSARIES = ("random", "stale", "lazy", "poison")
+ADVERSARIES = ("random", "stale", "lazy", "poison", "replay")
 POISON_SCALE = 8.0  # the poison adversary's merge contribution is noise this many times the honest one's norm
 KEEP_VERSIONS = 32  # weight snapshots kept for audits (validators audit work seconds old)
 KEEP_WORK = 64  # recent forwards kept for audits
@@ -144,10 +144,16 @@ class StageWorker:
             value = None
             out = self._encode(self._noise(output) if self.adversary == "random" else output, self.forward_codec,
                                sample, attempt, "forward")
+        if self.adversary == "replay":
+            out = self._replayed(sample, out)
         self.work[(sample, attempt)] = Work(version, None if frame is None else bytes(frame), out, value, since_merge)
         while len(self.work) > KEEP_WORK:
             self.work.popitem(last=False)
         return out, value
+
+    def _replayed(self, sample: int, fresh: bytes) -> bytes:
+        """What a replaying miner sends: the frame it sent for another sample last (a valid frame)."""
+        return next((w.output for (s, _), w in reversed(self.work.items()) if s != sample), fresh)
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         """What a cheating miner sends instead of its work: noise of the same shape and scale."""

@@ -9,6 +9,12 @@
 
 Settings come from defaults, then `--config FILE.toml` (sections [recipe],
 [orchestrator], [miner], [validator], [local]), then flags.
+
+Each of orchestrator, miner and validator says who it is in one of two ways:
+  --key NAME --chain FILE          a dev hotkey //NAME on a LocalChain JSON file
+  --netuid N --wallet-name NAME    a Bittensor wallet's hotkey on subnet N
+    [--network finney|test|local|ws://...] [--wallet-hotkey H] [--wallet-path DIR]
+    [--orchestrator-hotkeys SS58,...]
 """
 
 from __future__ import annotations
@@ -21,13 +27,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iota.miner.service import MinerConfig
+from iota.miner.worker import ADVERSARIES
 from iota.model.recipe import COMPRESSION_PRESETS, Recipe
 from iota.node import config as settings
 from iota.node.local import LocalSwarm, report
 from iota.orchestrator.config import OrchestratorConfig
 from iota.validator import ValidatorConfig
+
+if TYPE_CHECKING:
+    from bittensor import Client, Subtensor
+
+    from iota.node.roles import Identity
+
+LOCAL_FLAGS = ("--key", "--chain")
+BITTENSOR_FLAGS = ("--network", "--netuid", "--wallet-name", "--wallet-hotkey", "--wallet-path",
+                   "--orchestrator-hotkeys")
 
 
 def common(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +55,63 @@ def common(parser: argparse.ArgumentParser) -> None:
 
 
 def node_identity(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--key", required=True,
-                        help="dev key name: the hotkey is //NAME (local swarms and tests; wallets come with the chain)")
-    parser.add_argument("--chain", required=True, help="a LocalChain JSON file that registers every node")
+    group = parser.add_argument_group(
+        "identity", "who this node is: --key and --chain, or a Bittensor wallet on a subnet (--netuid, "
+                    "--wallet-name, ...); exactly one of the two")
+    group.add_argument("--key", help="dev key name: the hotkey is //NAME (local swarms and tests)")
+    group.add_argument("--chain", help="a LocalChain JSON file that registers every node")
+    group.add_argument("--network", help="the Bittensor network: finney, test, local or a ws:// or wss:// URL "
+                                         "(default finney)")
+    group.add_argument("--netuid", type=int, help="the subnet the swarm runs on")
+    group.add_argument("--wallet-name", help="the wallet (as btcli keeps it) whose hotkey this node signs with")
+    group.add_argument("--wallet-hotkey", help="the wallet's hotkey name (default: default)")
+    group.add_argument("--wallet-path", help="the wallets directory (default: $BT_WALLET_PATH or "
+                                             "~/.bittensor/wallets)")
+    group.add_argument("--orchestrator-hotkeys", metavar="SS58[,SS58...]",
+                       help="the hotkeys the subnet's orchestrators sign with: the chain gives them the "
+                            "orchestrator role (with --orchestrator-hotkey and, for an orchestrator, its own "
+                            "hotkey)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+
+
+def identity(args: argparse.Namespace, *, subtensor: Subtensor | Client | None = None) -> Identity:
+    """Who this node is, from --key/--chain or the Bittensor flags; SystemExit if they name neither or both.
+
+    `subtensor` replaces the SDK client --network would give (tests).
+    """
+    from iota.node import roles
+
+    local, bittensor = _given(args, LOCAL_FLAGS), _given(args, BITTENSOR_FLAGS)
+    if local and bittensor:
+        raise SystemExit("give either --key and --chain (a LocalChain) or --netuid and --wallet-name (a Bittensor "
+                         f"subnet), not both; got {', '.join(local + bittensor)}")
+    if local:
+        if len(local) < 2:
+            missing = next(flag for flag in LOCAL_FLAGS if flag not in local)
+            raise SystemExit(f"--key and --chain go together; {local[0]} was given without {missing}")
+        return roles.local_identity(args.key, args.chain)
+    if not bittensor:
+        raise SystemExit("say who this node is: give either --key and --chain (a LocalChain) or --netuid and "
+                         "--wallet-name (a Bittensor subnet; --network defaults to finney)")
+    if args.netuid is None:
+        raise SystemExit(f"--netuid is required with {bittensor[0]}: the subnet the swarm runs on")
+    if args.netuid < 0:
+        raise SystemExit(f"--netuid must be >= 0, got {args.netuid}")
+    if args.wallet_name is None:
+        raise SystemExit(f"--wallet-name is required with {bittensor[0]}: the wallet whose hotkey this node "
+                         "signs with (see also --wallet-hotkey and --wallet-path)")
+    orchestrators = [h.strip() for h in (args.orchestrator_hotkeys or "").split(",") if h.strip()]
+    if getattr(args, "orchestrator_hotkey", None):
+        orchestrators.append(args.orchestrator_hotkey)
+    return roles.bittensor_identity(args.netuid, args.network, args.wallet_name, args.wallet_hotkey or "default",
+                                    args.wallet_path, orchestrators, orchestrator=args.role == "orchestrator",
+                                    subtensor=subtensor)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m iota.node", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     roles = parser.add_subparsers(dest="role", required=True, metavar="{local,orchestrator,miner,validator}")
@@ -57,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     local.add_argument("--dir", help="where the run keeps its database, weights and logs (default: a new temp dir)")
     local.add_argument("--report", help="write a JSON report of the run here")
     local.add_argument("--no-live", action="store_true", help="print progress lines instead of a live view")
-    local.add_argument("--adversary", choices=("random", "stale", "lazy"),
+    local.add_argument("--adversary", choices=ADVERSARIES,
                        help="make the first miner cheat this way (a demo of the validator)")
     settings.add_fields(local, Recipe, skip=("samples",))
 
@@ -83,27 +151,31 @@ def main(argv: list[str] | None = None) -> None:
     validator.add_argument("--orchestrator", required=True)
     validator.add_argument("--orchestrator-hotkey")
     settings.add_fields(validator, ValidatorConfig)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.role == "local":
         run_local(args)
         return
 
     from iota.node import roles as run
 
+    node = identity(args)
     run.setup_process(args.threads, args.log_level)
     toml = settings.read_toml(args.config)
     if args.role == "orchestrator":
         given = {f: getattr(args, f) for f in Recipe().to_dict() if getattr(args, f, None) is not None}
         recipe = settings.build(Recipe, toml.get("recipe", {}), args) if given or "recipe" in toml else None
-        asyncio.run(run.orchestrator(args.dir, args.key, args.chain, recipe,
+        asyncio.run(run.orchestrator(args.dir, node, recipe,
                                      settings.build(OrchestratorConfig, toml.get("orchestrator", {}), args),
                                      args.host, args.port, args.parent_pid))
     elif args.role == "miner":
-        asyncio.run(run.miner(args.orchestrator, args.key, args.chain, args.orchestrator_hotkey,
+        asyncio.run(run.miner(args.orchestrator, node, args.orchestrator_hotkey,
                               settings.build(MinerConfig, toml.get("miner", {}), args), args.parent_pid))
     else:
-        asyncio.run(run.validator(args.orchestrator, args.key, args.chain, args.orchestrator_hotkey,
+        asyncio.run(run.validator(args.orchestrator, node, args.orchestrator_hotkey,
                                   settings.build(ValidatorConfig, toml.get("validator", {}), args), args.parent_pid))
 
 

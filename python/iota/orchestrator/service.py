@@ -30,7 +30,7 @@ from iota.net import JsonHTTPError, json_error, request_body, request_sender, ro
 from iota.orchestrator import views
 from iota.orchestrator.assign import choose_stage, rebalance
 from iota.orchestrator.config import OrchestratorConfig
-from iota.orchestrator.store import Store
+from iota.orchestrator.store import StagePhase, Store
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +439,10 @@ class Orchestrator:
             self.store.set_meta("status", status := "finishing")
         for s in range(self.recipe.stages):
             self._advance_phase(s, now, final=status == "finishing")
+        # A stage whose miners are all flagged or absent has no one to merge its last samples: it is done too.
         if status == "finishing" and all(
-            (p := self.store.stage(s)).phase == "train" and p.since_merge == 0 for s in range(self.recipe.stages)
+            (p := self.store.stage(s)).phase == "train" and (p.since_merge == 0 or not self._merge_members(s, p))
+            for s in range(self.recipe.stages)
         ):
             self.export()
             self.store.set_meta("status", "finished")
@@ -456,17 +458,21 @@ class Orchestrator:
                 log.warning("stage %d merge round %d timed out; training goes on", s, phase.round)
             return
         due = phase.since_merge >= self.recipe.merge_every or (final and phase.since_merge > 0)
+        members = self._merge_members(s, phase) if due else []
+        if members:
+            deadline = now + self.config.merge_timeout(self.weight_bytes[s])
+            opened = self.store.open_merge(s, members, deadline)
+            log.info("stage %d merge round %d among %d miners", s, opened.round, len(members))
+
+    def _merge_members(self, s: int, phase: StagePhase) -> list[dict[str, Any]]:
+        """The miners of stage `s` that take part in its next merge round."""
         # Miners a validator flagged lately sit merges out: their contributions cannot be trusted.
         excluded = self.flagged(time.time() - self.config.flag_memory)
         # A member that did not contribute to the stage's last merged round (it never joined) would
         # make every round wait for it: it sits out until it has caught up by loading the merged weights.
         excluded |= self._absent(s, phase.round)
-        members = [{"hotkey": n.hotkey, "address": n.merge_address}
-                   for n in self.store.nodes(role="miner") if n.stage == s and n.hotkey not in excluded]
-        if due and members:
-            deadline = now + self.config.merge_timeout(self.weight_bytes[s])
-            opened = self.store.open_merge(s, members, deadline)
-            log.info("stage %d merge round %d among %d miners", s, opened.round, len(members))
+        return [{"hotkey": n.hotkey, "address": n.merge_address}
+                for n in self.store.nodes(role="miner") if n.stage == s and n.hotkey not in excluded]
 
     def _absent(self, s: int, round_: int) -> set[str]:
         last = next((m for m in self.store.merges() if m["stage"] == s and m["round"] == round_), None)

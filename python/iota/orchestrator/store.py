@@ -225,10 +225,20 @@ class Store:
         return cursor.rowcount == 1
 
     def work(self, since: int, limit: int = 500) -> list[dict[str, Any]]:
-        """Recorded losses after row `since`, with their row id, path and commitments."""
-        rows = self.db.execute("SELECT rowid, * FROM losses WHERE rowid>? ORDER BY rowid LIMIT ?", (since, limit))
+        """Recorded losses after row `since`, with their row id, path, commitments, and
+        `versions`: each stage's latest merged version when the loss was recorded."""
+        rows = self.db.execute("SELECT rowid, * FROM losses WHERE rowid>? ORDER BY rowid LIMIT ?",
+                               (since, limit)).fetchall()
+        created: dict[int, list[tuple[float, int]]] = {}
+        for v in self.db.execute("SELECT stage, version, created FROM versions ORDER BY created"):
+            created.setdefault(v["stage"], []).append((v["created"], v["version"]))
+
+        def latest(stage: int, at: float) -> int:
+            return max((version for when, version in created.get(stage, []) if when <= at), default=-1)
+
         return [{"row": r["rowid"], "sample": r["sample"], "attempt": r["attempt"], "loss": r["loss"],
-                 "at": r["at"], "path": json.loads(r["path"]), "commits": json.loads(r["commits"])} for r in rows]
+                 "at": r["at"], "path": json.loads(r["path"]), "commits": json.loads(r["commits"]),
+                 "versions": [latest(stage, r["at"]) for stage in sorted(created)]} for r in rows]
 
     def add_flag(self, hotkey: str, reason: str, validator: str, detail: dict[str, Any]) -> None:
         with self.transaction() as db:

@@ -1,6 +1,7 @@
 """A validator: it follows the merged model (the validation loss of every
 new set of merged weights), audits a random share of the miners' finished
-work by recomputing it (iota.validator.audit) and every merge round's
+work by recomputing it (iota.validator.audit), every finished sample for
+frames sent twice (iota.validator.replays) and every merge round's
 contributions against their consensus (iota.validator.consensus), flags the
 miners that fail, and scores miners from the losses of the paths through them
 (iota.validator.scoring), publishing the scores as chain weights."""
@@ -33,6 +34,7 @@ from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
 from iota.validator.audit import check
 from iota.validator.consensus import MergeVotes
+from iota.validator.replays import Replays
 from iota.validator.scoring import PathLoss, score_miners, weights_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Validator:
         self.since = 0
         self.merge_since = 0
         self.merge_votes = MergeVotes()
+        self.replays = Replays()
         self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
         self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
         self.scratch: dict[int, StageWorker] = {}
@@ -161,6 +164,10 @@ class Validator:
         self.since = rows[-1]["row"]
         self.paths.extend(PathLoss(r["sample"], r["loss"], tuple(r["path"])) for r in rows)
         del self.paths[:-self.config.score_window]
+        for row in rows:
+            for hotkey, detail in self.replays.check(row["sample"], row["path"], row["commits"]).items():
+                if hotkey not in self.flagged:
+                    await self.flag(hotkey, "replayed_work", detail)
         chosen = [r for r in rows if self.rng.random() < self.config.audit_rate]
         if not chosen:
             return
@@ -186,14 +193,14 @@ class Validator:
             raise
         header, payload = unpack(body)
         worker = await self.scratch_worker(stage)
-        latest = self.latest[stage]
-        versions = {row["commits"][stage].get("global_version", -1)}
-        for v in versions:
-            if v >= 0 and (stage, v) not in self.global_cache:
-                _, _, state = await self.orchestrator.weights(stage, v)
-                outer = OuterNesterov(flatten(worker.params))
-                outer.load_bytes(state)
-                self.global_cache[(stage, v)] = outer.weights
+        # The latest version when the work was recorded: audits run later, after more merges.
+        latest = row["versions"][stage]
+        v = row["commits"][stage].get("global_version", -1)
+        if v >= 0 and (stage, v) not in self.global_cache:
+            _, _, state = await self.orchestrator.weights(stage, v)
+            outer = OuterNesterov(flatten(worker.params))
+            outer.load_bytes(state)
+            self.global_cache[(stage, v)] = outer.weights
         verdict = await asyncio.to_thread(check, worker, row["sample"], row["attempt"], header, bytes(payload),
                                           row["commits"], row["loss"], latest,
                                           lambda v: self.global_cache[(stage, v)])
@@ -201,9 +208,12 @@ class Validator:
             self.audits["passed"] += 1
             return
         self.audits["failed"] += 1
+        await self.flag(hotkey, verdict.reason, verdict.detail)
+
+    async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> None:
         self.flagged[hotkey] = time.monotonic()
-        log.warning("miner %s failed an audit: %s %s", hotkey, verdict.reason, verdict.detail)
-        await self.orchestrator.flag(hotkey, verdict.reason, verdict.detail)
+        log.warning("flagging miner %s: %s %s", hotkey, reason, detail)
+        await self.orchestrator.flag(hotkey, reason, detail)
 
     async def check_merges(self) -> None:
         """Tally new merge reports; flag a contributor a majority of its round reports far off."""
@@ -215,11 +225,8 @@ class Validator:
             found = self.merge_votes.add(report["stage"], report["round"], report["reporter"],
                                          report["contributors"], report["gram"])
             for hotkey, figures in found.items():
-                self.flagged[hotkey] = time.monotonic()
-                detail = {"stage": report["stage"], "round": report["round"], **figures}
-                log.warning("miner %s poisoned merge round %d of stage %d: %s", hotkey, report["round"],
-                            report["stage"], figures)
-                await self.orchestrator.flag(hotkey, "poisoned_merge", detail)
+                await self.flag(hotkey, "poisoned_merge", {"stage": report["stage"], "round": report["round"],
+                                                           **figures})
 
     async def scratch_worker(self, stage: int) -> StageWorker:
         if stage not in self.scratch:
