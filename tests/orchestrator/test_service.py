@@ -119,7 +119,7 @@ class Harness:
         round_ = self.orchestrator.store.stage(stage).round
         data = self.stage_bytes(stage, seed)
         client = self.client(miner)
-        reply = await client.merged(stage, round_, hashlib.sha256(data).hexdigest(), [], None)
+        reply = await client.merged(stage, round_, hashlib.sha256(data).hexdigest(), {}, None)
         assert reply == {"upload": True, "accepted": True}
         return (await client.upload(stage, round_, [HOTKEY[miner]], data))["version"]
 
@@ -243,8 +243,8 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         # Stage 0: the first report is asked to upload; the upload becomes version 1 and closes the round.
         data = h.stage_bytes(0, seed=1)
         digest = hashlib.sha256(data).hexdigest()
-        assert await first.merged(0, 2, digest, [HOTKEY["miner-a"]], None) == {"upload": False, "accepted": False}  # not the open round
-        assert await first.merged(0, 1, digest, [HOTKEY["miner-a"]], [[4.0]]) == {"upload": True, "accepted": True}
+        assert await first.merged(0, 2, digest, {HOTKEY["miner-a"]: 3.0}, None) == {"upload": False, "accepted": False}  # not the open round
+        assert await first.merged(0, 1, digest, {HOTKEY["miner-a"]: 3.0}, [[4.0]]) == {"upload": True, "accepted": True}
         assert await first.upload(0, 1, [HOTKEY["miner-a"]], data) == {"version": 1}
         assert orchestrator.store.stage(0).phase == "train"
         assert orchestrator.store.stage(1).phase == "merge"  # stages merge independently
@@ -255,18 +255,19 @@ def test_leases_losses_completions_and_a_merge_round_per_stage(store: Store) -> 
         # The same bytes again (a racing member) are fine; other bytes are refused and recorded.
         assert await first.upload(0, 1, [HOTKEY["miner-a"]], data) == {"version": 1}
         assert await h.refusal(first.upload(0, 1, [], h.stage_bytes(0, seed=2))) == (409, "MergeMismatch")
-        assert await first.merged(0, 1, digest, [HOTKEY["miner-a"]], None) == {"upload": False, "accepted": True}
-        assert await first.merged(0, 1, "0" * 64, [HOTKEY["miner-a"]], None) == {"upload": False, "accepted": False}
+        assert await first.merged(0, 1, digest, {HOTKEY["miner-a"]: 3.0}, None) == {"upload": False, "accepted": True}
+        assert await first.merged(0, 1, "0" * 64, {HOTKEY["miner-a"]: 3.0}, None) == {"upload": False, "accepted": False}
         # Merge reports (contributors and the Gram matrix of their contributions) are kept for validators.
-        assert await h.refusal(first.merged(0, 1, digest, [HOTKEY["miner-a"]], [[1.0, 2.0]])) == (400, "BadRequest")
-        assert await h.refusal(first.merged(0, 1, digest, [HOTKEY["miner-a"]], [[float("nan")]])) == (400, "BadRequest")
-        assert await h.refusal(first.merged(0, 1, digest, [], [])) == (400, "BadRequest")
+        assert await h.refusal(first.merged(0, 1, digest, {HOTKEY["miner-a"]: 3.0}, [[1.0, 2.0]])) == (400, "BadRequest")
+        assert await h.refusal(first.merged(0, 1, digest, {HOTKEY["miner-a"]: 3.0}, [[float("nan")]])) == (400, "BadRequest")
+        assert await h.refusal(first.merged(0, 1, digest, {}, [])) == (400, "BadRequest")
+        assert await h.refusal(first.merged(0, 1, digest, {HOTKEY["miner-a"]: 0.0}, [[4.0]])) == (400, "BadRequest")
         reports = await h.client("validator").merge_reports(0)
         assert [(r["stage"], r["round"], r["reporter"], r["contributors"], r["gram"]) for r in reports] == [
-            (0, 1, HOTKEY["miner-a"], [HOTKEY["miner-a"]], [[4.0]])]
+            (0, 1, HOTKEY["miner-a"], {HOTKEY["miner-a"]: 3.0}, [[4.0]])]
         assert await h.client("validator").merge_reports(reports[-1]["row"]) == []
         assert await h.refusal(first.merge_reports(0)) == (403, "WrongRole")
-        assert await h.refusal(first.merged(0, 1, digest, [HOTKEY["miner-b"]], [[1.0]])) == (403, "NotMember")
+        assert await h.refusal(first.merged(0, 1, digest, {HOTKEY["miner-b"]: 1.0}, [[1.0]])) == (403, "NotMember")
         assert len(store.events("merge_mismatch")) == 2
         # A closed round takes no new upload.
         assert await h.refusal(first.upload(0, 2, [], h.stage_bytes(0, seed=3))) == (409, "RoundClosed")
@@ -453,7 +454,7 @@ def test_refusals_carry_the_json_error_body(store: Store) -> None:
         assert await h.refusal(h.client("miner-c").register(1e9, None, None)) == (400, "BadRequest")
         assert await h.refusal(h.client("miner-a").complete(-1, 0)) == (400, "BadRequest")
         assert await h.refusal(h.client("miner-a").heartbeat([1])) == (400, "BadRequest")  # type: ignore[arg-type]
-        assert await h.refusal(h.client("miner-a").merged(0, 1, None, [], None)) == (400, "BadRequest")  # type: ignore[arg-type]
+        assert await h.refusal(h.client("miner-a").merged(0, 1, None, {}, None)) == (400, "BadRequest")  # type: ignore[arg-type]
         for query in ("", "?round=x", "?round=-1", "?round=%C2%B2"):
             call = signed.request("POST", h.url, "/weights/1" + query, receiver=HOTKEY["orchestrator"],
                                   timeout=TIMEOUT, body=b"x")
@@ -462,7 +463,7 @@ def test_refusals_carry_the_json_error_body(store: Store) -> None:
                                                 timeout=TIMEOUT)) == (400, "BadRequest")
         assert await h.refusal(signed.get_bytes(h.url, "/weights/2", receiver=HOTKEY["orchestrator"],
                                                 timeout=TIMEOUT)) == (404, "NoSuchStage")
-        assert await h.refusal(h.client("miner-a").merged(2, 1, "0" * 64, [], None)) == (404, "NoSuchStage")
+        assert await h.refusal(h.client("miner-a").merged(2, 1, "0" * 64, {}, None)) == (404, "NoSuchStage")
         # Only stage 0 leases; a miner on the chain but not in the run must register first.
         assert await h.refusal(h.client("miner-b").lease()) == (409, "WrongStage")
         assert await h.refusal(h.client("miner-c").lease()) == (409, "NotRegistered")

@@ -532,7 +532,7 @@ class Miner:
         log.info("stage %d merge round %d done in %.1fs with %d contributors", stage, round_,
                  time.monotonic() - started, len(contributors))
         try:
-            reply = await orchestrator.merged(stage, round_, digest, contributors, result.report.gram)
+            reply = await orchestrator.merged(stage, round_, digest, result.report.contributors, result.report.gram)
             if reply["upload"]:
                 await orchestrator.upload(stage, round_, contributors, worker.outer.to_bytes())
         except NetError as exc:

@@ -46,7 +46,7 @@ class OrchestratorClient:
     async def complete(self, sample: int, attempt: int) -> dict[str, Any]:
         return await self._post("/complete", {"sample": sample, "attempt": attempt})
 
-    async def merged(self, stage: int, round_: int, digest: str, contributors: list[str],
+    async def merged(self, stage: int, round_: int, digest: str, contributors: dict[str, float],
                      gram: list[list[float]] | None) -> dict[str, Any]:
         return await self._post("/merged", {"stage": stage, "round": round_, "digest": digest,
                                             "contributors": contributors, "gram": gram})

@@ -230,8 +230,9 @@ class Orchestrator:
 
         The first report of a round is asked to upload; later ones are
         checked against what was stored (a mismatch is recorded as an event).
-        `contributors` and their `gram` (inner products, from the round's
-        holders) are kept for validators to find poisoned contributions.
+        `contributors` (hotkey -> merge weight) and their `gram` (inner
+        products, from the round's holders) are kept for validators to find
+        poisoned contributions.
         """
         hotkey = self._member(request)
         body = self._json(request)
@@ -239,14 +240,14 @@ class Orchestrator:
         digest = body.get("digest")
         if not isinstance(digest, str):
             return json_error(400, "BadRequest", "digest must be the sha256 hex of the merged state")
-        contributors, gram = body.get("contributors", []), body.get("gram")
+        contributors, gram = body.get("contributors", {}), body.get("gram")
         if gram is not None:
             problem = _gram_problem(contributors, gram)
             if problem:
                 return json_error(400, "BadRequest", problem)
             if hotkey not in contributors:
                 return json_error(403, "NotMember", f"{hotkey} reports on a round it did not contribute to")
-            self.store.add_merge_report(stage, round_, hotkey, contributors, gram)
+            self.store.add_merge_report(stage, round_, hotkey, dict(sorted(contributors.items())), gram)
         phase = self.store.stage(_stage_index(stage, self.recipe.stages))
         stored = self.store.version_of_round(stage, round_)
         if stored is not None:
@@ -523,9 +524,11 @@ def _number(body: dict[str, Any], key: str, *, minimum: float | None = None) -> 
 
 
 def _gram_problem(contributors: Any, gram: Any) -> str | None:
-    """Why (contributors, gram) is not a list of hotkeys with a square matrix of finite numbers for them."""
-    if not (isinstance(contributors, list) and contributors and all(isinstance(c, str) for c in contributors)):
-        return "contributors must list the round's contributor hotkeys"
+    """Why (contributors, gram) is not hotkeys with positive weights and a square matrix of finite numbers."""
+    if not (isinstance(contributors, dict) and contributors and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+            for w in contributors.values())):
+        return "contributors must map the round's contributor hotkeys to their (positive) merge weights"
     n = len(contributors)
     if not (isinstance(gram, list) and len(gram) == n and all(isinstance(row, list) and len(row) == n for row in gram)
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -317,7 +317,7 @@ class Store:
                            (s, round_, outcome, time.time(), json.dumps(detail)))
         return cursor.rowcount == 1
 
-    def add_merge_report(self, s: int, round_: int, hotkey: str, contributors: list[str],
+    def add_merge_report(self, s: int, round_: int, hotkey: str, contributors: dict[str, float],
                          gram: list[list[float]]) -> None:
         """What a member of merge round `round_` learned about the contributions (one report per member)."""
         with self.transaction() as db:

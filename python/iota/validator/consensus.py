@@ -7,18 +7,28 @@ G_ij = <x_i, x_j>. Members report it to the orchestrator with the merge.
 From G alone a validator knows every norm |x_i| = sqrt(G_ii) and every
 angle cos_ij = G_ij / (|x_i| |x_j|), without the vectors.
 
-Contributor i is an outlier of its round when
+Contributor i (merge weight w_i: its samples since the last merge) is
+judged against the references R_i: the others with a nonzero contribution
+and w_j >= w_i / WEIGHT_SPAN (a member that just resynced contributes
+almost nothing and is no yardstick for one that trained a whole round).
+It is an outlier when
 
-1. Norm: |x_i| > NORM_RATIO * median(|x_j| for j != i). Honest members
-   start from the same global weights and train the same number of steps,
-   so their pseudo-gradients have similar sizes (within 1.5x in our runs); a
-   scaled-up or noise contribution does not.
-2. Direction (3 or more contributors): the median of cos_ij over j != i is
-   below MIN_COSINE while the median angle among the others, cos_jk over
-   j, k != i, is at least AGREEMENT. Honest pseudo-gradients point the same
-   way (pairwise cosines 0.4-0.8 in our runs), noise is orthogonal to them
-   and a sign flip opposes them. With 2 contributors the angle is shared and
-   says nothing about which one is off, so only the norm rule applies.
+1. Norm: |x_i| > NORM_RATIO * median over j in R_i of |x_j| * max(1, w_i / w_j).
+   Members start from the same global weights, and a pseudo-gradient grows
+   at most in proportion to the steps behind it, so an honest one is not
+   much larger than the others' scaled by its weight (honest ratios stayed
+   under 2.5 in our runs); a scaled-up or noise contribution is.
+2. Direction (3 or more contributors, w_i not below the median weight over
+   WEIGHT_SPAN): the median of cos_ij over j in R_i is below MIN_COSINE while
+   the median of cos_jk among the references is at least AGREEMENT: it
+   opposes what the others agree on (a sign flip). Honest pairs at stage 0
+   of small models can be near-orthogonal (cosines down to -0.12 in our
+   runs), so orthogonal is not enough: noise of an honest size is not caught.
+   With 2 contributors the angle is shared and says nothing about which one
+   is off, so only the norm rule applies.
+
+Merge weights are the members' own claims; checking them against the
+recorded paths is not built.
 
 A round's verdict counts once a majority of its contributors reported the
 same outlier: one member cannot frame another.
@@ -28,34 +38,37 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 NORM_RATIO = 3.0
-MIN_COSINE = 0.1
+MIN_COSINE = -0.3
 AGREEMENT = 0.3
+WEIGHT_SPAN = 4.0
 
 
-def outliers(contributors: Sequence[str], gram: Sequence[Sequence[float]]) -> dict[str, dict[str, float]]:
-    """The contributors far from the others, each with the figures that show it."""
-    n = len(contributors)
-    if n < 2:
-        return {}
+def outliers(contributors: Mapping[str, float], gram: Sequence[Sequence[float]]) -> dict[str, dict[str, float]]:
+    """The contributors (hotkey -> merge weight, in the Gram matrix's order) far from the others,
+    each with the figures that show it."""
+    names, weights = list(contributors), list(contributors.values())
+    n = len(names)
     norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
 
     def cos(i: int, j: int) -> float:
-        return gram[i][j] / (norms[i] * norms[j]) if norms[i] > 0 and norms[j] > 0 else 0.0
+        return gram[i][j] / (norms[i] * norms[j])
 
     found: dict[str, dict[str, float]] = {}
-    for i, hotkey in enumerate(contributors):
-        others = [j for j in range(n) if j != i]
-        typical = statistics.median(norms[j] for j in others)
+    for i, hotkey in enumerate(names):
+        refs = [j for j in range(n) if j != i and norms[j] > 0 and weights[j] * WEIGHT_SPAN >= weights[i]]
+        if not refs:
+            continue
+        typical = statistics.median(norms[j] * max(1.0, weights[i] / weights[j]) for j in refs)
         if norms[i] > NORM_RATIO * typical:
-            found[hotkey] = {"norm": norms[i], "others_median_norm": typical}
+            found[hotkey] = {"norm": norms[i], "others_typical_norm": typical}
             continue
-        if n < 3:
+        if len(refs) < 2 or norms[i] == 0 or weights[i] * WEIGHT_SPAN < statistics.median(weights):
             continue
-        mine = statistics.median(cos(i, j) for j in others)
-        theirs = statistics.median(cos(j, k) for j in others for k in others if j < k)
+        mine = statistics.median(cos(i, j) for j in refs)
+        theirs = statistics.median(cos(j, k) for j in refs for k in refs if j < k)
         if mine < MIN_COSINE and theirs >= AGREEMENT:
             found[hotkey] = {"median_cosine": mine, "others_median_cosine": theirs}
     return found
@@ -69,7 +82,7 @@ class MergeVotes:
         self.votes: dict[tuple[int, int], dict[str, set[str]]] = {}  # round -> outlier -> reporters
         self.judged: set[tuple[int, int, str]] = set()
 
-    def add(self, stage: int, round_: int, reporter: str, contributors: Sequence[str],
+    def add(self, stage: int, round_: int, reporter: str, contributors: Mapping[str, float],
             gram: Sequence[Sequence[float]]) -> dict[str, dict[str, float]]:
         """Count one member's report; returns the outliers this report made a majority for."""
         tally = self.votes.setdefault((stage, round_), {})
