@@ -9,7 +9,7 @@ import pytest
 import iota.data
 from iota.miner.worker import StageWorker
 from iota.model.recipe import Recipe
-from iota.validator.audit import check
+from iota.validator.audit import check, stale_work
 
 RECIPE = Recipe(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, stages=2, batch=2, seq_len=16, samples=50)
 VOCAB = 257
@@ -39,7 +39,7 @@ def run_sample(stages: list[StageWorker], sample: int) -> tuple[list[dict], floa
     return commits, loss
 
 
-def judge(stage: StageWorker, data, sample: int, commits: list[dict], loss: float, latest: int = 0,
+def judge(stage: StageWorker, data, sample: int, commits: list[dict], loss: float,
           header_edit=None, payload_edit=None):
     header, payload = stage.audit(sample, 0)
     if header_edit:
@@ -47,7 +47,7 @@ def judge(stage: StageWorker, data, sample: int, commits: list[dict], loss: floa
     if payload_edit:
         payload = payload_edit(payload)
     scratch = StageWorker(RECIPE, VOCAB, stage.index, data)
-    return check(scratch, sample, 0, header, payload, commits, loss, latest, lambda v: stage.outer.weights)
+    return check(scratch, sample, 0, header, payload, commits, loss, lambda v: stage.outer.weights)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -77,12 +77,15 @@ def test_skipped_training_is_caught(data) -> None:
     assert verdict.detail["backward_since_merge"] == 2
 
 
-def test_stale_weights_are_caught(data) -> None:
+def test_stale_weights_are_caught_from_the_records(data) -> None:
     stages = workers(data)
-    commits, loss = run_sample(stages, 0)
-    assert judge(stages[0], data, 0, commits, loss, latest=1).ok  # one merge behind: still in step
-    verdict = judge(stages[0], data, 0, commits, loss, latest=2)
-    assert (verdict.ok, verdict.reason) == (False, "stale_weights")
+    for stage in stages:
+        stage.global_version = 3
+    stages[1].global_version = 1
+    commits, _ = run_sample(stages, 0)
+    path = ["first", "last"]
+    assert stale_work(path, commits, [3, 2]) == {}  # one merge behind: still in step
+    assert stale_work(path, commits, [4, 3]) == {"last": {"stage": 1, "global_version": 1, "latest_version": 3}}
 
 
 def test_answers_that_contradict_the_commitments_are_caught(data) -> None:
@@ -105,5 +108,5 @@ def test_answers_that_contradict_the_commitments_are_caught(data) -> None:
     forged[0]["output"] = "0" * 64
     header, payload = stages[0].audit(0, 0)
     scratch = StageWorker(RECIPE, VOCAB, 0, data)
-    assert check(scratch, 0, 0, header, payload, forged, loss, 0, lambda v: None).reason == "audit_output_mismatch"
+    assert check(scratch, 0, 0, header, payload, forged, loss, lambda v: None).reason == "audit_output_mismatch"
     assert stages[0].audit(10**6, 0) is None  # not kept: the miner says so (404), nobody is flagged

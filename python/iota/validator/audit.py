@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,18 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.float() - b.float()) / (torch.linalg.vector_norm(b.float()) + 1e-12))
 
 
+def stale_work(path: Sequence[str], commits: Sequence[dict[str, Any]],
+               versions: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """The miners on a sample's path whose merged weights were stale: more than one
+    version behind the stage's latest when the loss was recorded (one merge may land
+    between a forward and its loss). From the records alone, so every sample is checked."""
+    return {hotkey: {"stage": stage, "global_version": commit["global_version"], "latest_version": latest}
+            for stage, (hotkey, commit, latest) in enumerate(zip(path, commits, versions))
+            if commit["global_version"] < latest - 1}
+
+
 def check(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any], payload: bytes,
-          commits: list[dict[str, Any]], recorded_loss: float, latest_version: int,
+          commits: list[dict[str, Any]], recorded_loss: float,
           global_weights: Callable[[int], torch.Tensor]) -> Verdict:
     """Judge an audit answer (`header`, `payload` from the miner's /audit) of stage `worker.index`.
 
@@ -61,9 +71,6 @@ def check(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any]
         return Verdict(False, "audit_weights_mismatch", {**where, "why": "the weights shown are not the ones vouched for"})
     if stage > 0 and hashlib.sha256(inputs).hexdigest() != commits[stage - 1]["output"]:
         return Verdict(False, "audit_input_mismatch", {**where, "why": "the input shown is not the one received"})
-    if commit["global_version"] < latest_version - 1:
-        return Verdict(False, "stale_weights", {**where, "global_version": commit["global_version"],
-                                                "latest_version": latest_version})
     if (commit["backward_since_merge"] >= worker.recipe.accumulate and commit["global_version"] >= 0
             and torch.equal(weights, global_weights(commit["global_version"]))):
         return Verdict(False, "skipped_training", {**where, "backward_since_merge": commit["backward_since_merge"]})

@@ -32,7 +32,7 @@ from iota.model.recipe import Recipe
 from iota.net import NetError, PeerError, SignedClient
 from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
-from iota.validator.audit import check
+from iota.validator.audit import check, stale_work
 from iota.validator.consensus import MergeVotes
 from iota.validator.replays import Replays
 from iota.validator.scoring import PathLoss, score_miners, weights_of
@@ -164,24 +164,31 @@ class Validator:
         self.since = rows[-1]["row"]
         self.paths.extend(PathLoss(r["sample"], r["loss"], tuple(r["path"])) for r in rows)
         del self.paths[:-self.config.score_window]
+        # Checks on the records alone, for every sample. A repeated frame is only a suspect: a
+        # miner whose output no longer depends on its input repeats frames honestly, so it is audited.
+        audits: list[tuple[dict[str, Any], int, dict[str, Any] | None]] = []
         for row in rows:
-            for hotkey, detail in self.replays.check(row["sample"], row["path"], row["commits"]).items():
+            for hotkey, detail in stale_work(row["path"], row["commits"], row["versions"]).items():
                 if hotkey not in self.flagged:
-                    await self.flag(hotkey, "replayed_work", detail)
-        chosen = [r for r in rows if self.rng.random() < self.config.audit_rate]
-        if not chosen:
+                    await self.flag(hotkey, "stale_weights", {"sample": row["sample"], **detail})
+            for detail in self.replays.check(row["sample"], row["path"], row["commits"]).values():
+                audits.append((row, detail["stage"], detail))
+            if self.rng.random() < self.config.audit_rate:
+                audits.append((row, self.rng.randrange(self.recipe.stages), None))
+        if not audits:
             return
         addresses = {m["hotkey"]: m["address"] for st in (await self.client.get_json(
             self.orchestrator_address, "/api/state", receiver=self.orchestrator_hotkey,
             timeout=self.config.timeout))["stages"] for m in st["miners"]}
-        for row in reversed(chosen):  # newest first: the miner still keeps it
-            stage = self.rng.randrange(self.recipe.stages)
+        for row, stage, repeated in reversed(audits):  # newest first: the miner still keeps it
             hotkey = row["path"][stage]
             if hotkey in self.flagged or hotkey not in addresses:
                 continue
-            await self.audit(row, stage, hotkey, addresses[hotkey])
+            await self.audit(row, stage, hotkey, addresses[hotkey], repeated)
 
-    async def audit(self, row: dict[str, Any], stage: int, hotkey: str, address: str) -> None:
+    async def audit(self, row: dict[str, Any], stage: int, hotkey: str, address: str,
+                    repeated: dict[str, Any] | None = None) -> None:
+        """Recompute `row`'s work at `stage`; `repeated` says the frame was sent for another sample too."""
         try:
             body = await self.client.post_bytes(address, "/audit", pack({"sample": row["sample"],
                                                                           "attempt": row["attempt"]}),
@@ -193,8 +200,6 @@ class Validator:
             raise
         header, payload = unpack(body)
         worker = await self.scratch_worker(stage)
-        # The latest version when the work was recorded: audits run later, after more merges.
-        latest = row["versions"][stage]
         v = row["commits"][stage].get("global_version", -1)
         if v >= 0 and (stage, v) not in self.global_cache:
             _, _, state = await self.orchestrator.weights(stage, v)
@@ -202,13 +207,16 @@ class Validator:
             outer.load_bytes(state)
             self.global_cache[(stage, v)] = outer.weights
         verdict = await asyncio.to_thread(check, worker, row["sample"], row["attempt"], header, bytes(payload),
-                                          row["commits"], row["loss"], latest,
+                                          row["commits"], row["loss"],
                                           lambda v: self.global_cache[(stage, v)])
         if verdict.ok:
             self.audits["passed"] += 1
             return
         self.audits["failed"] += 1
-        await self.flag(hotkey, verdict.reason, verdict.detail)
+        if repeated is not None:  # a frame sent twice that is wrong the second time: replayed
+            await self.flag(hotkey, "replayed_work", {**repeated, "audit": verdict.reason, **verdict.detail})
+        else:
+            await self.flag(hotkey, verdict.reason, verdict.detail)
 
     async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> None:
         self.flagged[hotkey] = time.monotonic()

@@ -2,10 +2,12 @@
 
 Every finished sample's record carries, per stage, the sha256 of the frame
 the miner sent on (its commitment). Different samples have different tokens,
-so honest work never produces the same frame twice; a retried attempt of the
+so honest work rarely sends the same frame twice; a retried attempt of the
 same sample may (same input, same weights), so only a repeat across samples
-counts. This checks every finished sample, not an audited share, at the cost
-of a dictionary lookup.
+counts. Rarely is not never: a tiny, collapsed model whose compressed output
+no longer depends on its input repeats frames honestly, so a repeat makes
+the work a suspect that the validator audits, not a verdict. This looks at
+every finished sample, not an audited share, at the cost of a lookup.
 """
 
 from __future__ import annotations
