@@ -27,17 +27,28 @@ REASONS = {
     "poison": {"poisoned_merge"},
     "replay": {"replayed_work", "wrong_output", "wrong_loss"},
 }
+# The stage each cheat (miner 0) joins, so both stages are covered on every run. A cheat on the last
+# stage returns bad gradients to stage 0: the model only survives if flagged miners get no more work.
+STAGE = {"random": 1, "stale": 0, "lazy": 1, "poison": 0, "replay": 1}
+
+
+def placed(cheat_stage: int, stages: int) -> dict[int, int]:
+    """Every miner's stage, two per stage, the cheat on `cheat_stage`: the honest miners then cannot
+    all land beside the cheat before it registers (and rebalancing move it)."""
+    order = [cheat_stage] + [s for s in range(stages) if s != cheat_stage] + list(range(stages))
+    return dict(enumerate(order))
 
 
 @pytest.mark.parametrize("adversary", sorted(REASONS))
 def test_validator_catches_the_adversary(swarm_factory, adversary: str) -> None:
     recipe = STALE_RECIPE if adversary == "stale" else RECIPE
-    swarm = swarm_factory(recipe, adversaries={0: adversary})
+    swarm = swarm_factory(recipe, adversaries={0: adversary}, miner_stages=placed(STAGE[adversary], 2))
     cheat = dev_keypair(miner_key(0)).ss58_address
     validator = dev_keypair(VALIDATOR_KEY).ss58_address
     run_until(swarm, swarm.finished, 300)
     swarm.wait_validator(timeout=60)
     state = swarm.state()
+    assert cheat in {m["hotkey"] for m in state["stages"][STAGE[adversary]]["miners"]}
 
     flags = state["flags"]
     assert flags and {f["hotkey"] for f in flags} == {cheat}, flags  # caught, and nobody else
@@ -55,3 +66,21 @@ def test_validator_catches_the_adversary(swarm_factory, adversary: str) -> None:
     rounds = db.execute("SELECT members FROM stages").fetchall()
     db.close()
     assert rounds and all(cheat not in members for (members,) in rounds)
+
+
+def test_validator_catches_noise_sent_back_by_a_middle_stage(swarm_factory) -> None:
+    recipe = Recipe.from_dict({**RECIPE.to_dict(), "stages": 3, "n_layers": 3})
+    swarm = swarm_factory(recipe, adversaries={0: "random_backward"}, miner_stages=placed(1, 3))
+    cheat = dev_keypair(miner_key(0)).ss58_address
+    validator = dev_keypair(VALIDATOR_KEY).ss58_address
+    run_until(swarm, swarm.finished, 300)
+    swarm.wait_validator(timeout=60)
+    state = swarm.state()
+    assert cheat in {m["hotkey"] for m in state["stages"][1]["miners"]}
+    flags = state["flags"]
+    assert flags and {f["hotkey"] for f in flags} == {cheat}, flags
+    assert flags[0]["reason"] == "wrong_gradient" and flags[0]["sample"] < recipe.samples - 40
+    scores = state["scores"][validator]
+    honest = [s["score"] for h, s in scores.items() if h != cheat]
+    assert len(honest) == 5 and scores[cheat]["score"] < min(honest)
+    assert loss_fell(state, 1.0)

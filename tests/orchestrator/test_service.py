@@ -151,6 +151,15 @@ def store(tmp_path: Path):
 # -- registration and heartbeats ------------------------------------------------------------------
 
 
+def test_a_joining_miner_gets_the_stage_it_asks_for(store: Store) -> None:
+    async def body(h: Harness) -> None:
+        reply = await h.client("miner-a").register(1e9, address_of("miner-a"), merge_address_of("miner-a"), stage=1)
+        assert reply["stage"] == 1  # though stage 0 is empty
+        assert await h.register_miner("miner-b") == 0  # the orchestrator fills the empty one next
+
+    run(store, body)
+
+
 def test_register_fills_empty_stages_first_and_heartbeats_tell_the_state(store: Store) -> None:
     async def body(h: Harness) -> None:
         orchestrator = h.orchestrator
@@ -169,6 +178,13 @@ def test_register_fills_empty_stages_first_and_heartbeats_tell_the_state(store: 
         assert (await h.client("validator").register(5e8))["stage"] is None
         # A live miner registering again keeps its stage.
         assert await h.register_miner("miner-a") == 0
+        # A miner may ask for a stage; a live one still keeps its own, and a stage out of range is refused.
+        assert (await h.client("miner-a").register(1e9, address_of("miner-a"), merge_address_of("miner-a"),
+                                                   stage=1))["stage"] == 0
+        for wanted in (2, -1, "1"):
+            with pytest.raises(PeerError) as refused:
+                await h.client("validator").register(5e8, stage=wanted)
+            assert refused.value.status == 400
 
         await h.client("miner-b").heartbeat({"queue": 3})
         await h.client("miner-c").heartbeat({"queue": 1})
@@ -363,6 +379,8 @@ def test_flagged_miners_sit_out_merges_and_a_stage_with_none_left_does_not_hold_
         assert await h.refusal(validator.flag(HOTKEY["miner-c"], "", {})) == (400, "BadRequest")
         assert await h.refusal(h.client("miner-a").flag(HOTKEY["miner-c"], "x", {})) == (403, "WrongRole")
         assert await validator.flag(HOTKEY["miner-c"], "wrong_output", {"sample": 3}) == {"accepted": True}
+        # The flagged miner gets no work: stage 0 no longer sees it among stage 1's peers.
+        assert [p["hotkey"] for p in (await h.client("miner-a").heartbeat({}))["next"]] == [HOTKEY["miner-b"]]
         await h.train_samples(2)
         orchestrator.tick()
         assert [m["hotkey"] for m in orchestrator.store.stage(1).members] == [HOTKEY["miner-b"]]
@@ -379,6 +397,19 @@ def test_flagged_miners_sit_out_merges_and_a_stage_with_none_left_does_not_hold_
         assert orchestrator.status == "finished"
         assert [(f["hotkey"], f["reason"]) for f in orchestrator.state()["flags"]] == [
             (HOTKEY["miner-c"], "wrong_output"), (HOTKEY["miner-b"], "poisoned_merge")]
+
+    run(store, body)
+
+
+def test_a_flagged_first_stage_miner_leases_nothing(store: Store) -> None:
+    async def body(h: Harness) -> None:
+        assert [await h.register_miner(n) for n in ("miner-a", "miner-b")] == [0, 1]
+        validator = h.client("validator")
+        await validator.register(0.0)
+        assert (await h.client("miner-a").lease())["sample"] == 0
+        await validator.flag(HOTKEY["miner-a"], "replayed_work", {"sample": 0})
+        reply = await h.client("miner-a").lease()
+        assert reply["sample"] is None and reply["flagged"] is True
 
     run(store, body)
 

@@ -70,10 +70,12 @@ class MinerConfig:
     `ban_base`/`ban_max` (s): how long a failing peer is avoided (doubling per failure).
     `merge_codec`: how pseudo-gradients cross in the all-reduce.
     `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
+    `stage`: the stage to join (-1: the one the orchestrator finds slowest); rebalancing may move it.
     `adversary`: misbehave on purpose, for tests and demos of the validators: "random" (send noise
     instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer
     steps), "poison" (merge noise 8x the size of an honest contribution), "replay" (send again the
-    frame sent for another sample).
+    frame sent for another sample), "random_backward" (honest forwards, noise instead of input
+    gradients).
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +88,7 @@ class MinerConfig:
     ban_max: float = 30.0
     merge_codec: str = "int8/b64"
     flops: float = 0.0
+    stage: int = -1
     adversary: str = ""
     seed: int = 0
 
@@ -194,7 +197,8 @@ class Miner:
         assert self.orchestrator is not None
         while True:
             try:
-                reply = await self.orchestrator.register(self.flops, self.address, self.merge_address)
+                reply = await self.orchestrator.register(self.flops, self.address, self.merge_address,
+                                                         None if self.config.stage < 0 else self.config.stage)
                 break
             except NetError as exc:
                 log.warning("cannot register yet (%s); retrying", exc)
@@ -262,19 +266,40 @@ class Miner:
         if worker is None or (header["sample"], header["attempt"]) not in worker.kept:
             return json_error(404, "UnknownSample", f"no forward of sample {header['sample']} "
                                                     f"attempt {header['attempt']} is kept here")
+        commit = header.get("commit")
+        if not (isinstance(commit, dict) and commit.get("output") == hashlib.sha256(frame).hexdigest()):
+            return json_error(400, "BadFrame", "the frame does not match the sender's commitment")
         self._check_frame(worker, frame, "backward")
+        worker.note_received(header["sample"], header["attempt"], {**commit, "hotkey": request_sender(request).hotkey})
         self._enqueue(BACKWARD, "backward", header, bytes(frame))
         return web.json_response({"queued": self.queue.qsize()}, status=202)
 
     @route_policy(roles=("validator",))
     async def handle_audit(self, request: web.Request) -> web.Response:
-        """A recent forward for a validator to recompute: its record, input frame, output frame and weights."""
+        """Recent work of this miner for a validator, by `kind`: "forward" (its record, input frame,
+        output frame and weights: to recompute it), "backward" (a middle stage's backward: input,
+        gradient received, gradient sent, weights), "sent" (the commitment of the backward frame it
+        sent) or "received" (the commitment that came with the backward frame it received)."""
         header, _ = self._envelope(request)
-        worker = self.worker
-        found = worker.audit(header["sample"], header["attempt"]) if worker is not None else None
-        if worker is None or found is None:
-            return json_error(404, "NotKept", f"sample {header['sample']} attempt {header['attempt']} is not "
-                                              "among the recent forwards kept for audits")
+        worker, key, kind = self.worker, (header["sample"], header["attempt"]), header.get("kind", "forward")
+        found: tuple[dict[str, Any], bytes] | None = None
+        if worker is None:
+            pass
+        elif kind == "forward":
+            found = worker.audit(*key)
+        elif kind == "backward":
+            found = worker.audit_backward(*key)
+        elif kind == "sent":
+            if key in worker.backward_work or (worker.is_last and key in worker.work):
+                found = worker.backward_commitment(*key), b""
+        elif kind == "received":
+            if key in worker.received:
+                found = dict(worker.received[key]), b""
+        else:
+            return json_error(400, "BadRequest", "kind must be forward, backward, sent or received")
+        if found is None:
+            return json_error(404, "NotKept", f"no {kind} record of sample {key[0]} attempt {key[1]} is kept "
+                                              "for audits")
         return web.Response(body=pack(*found), content_type="application/octet-stream")
 
     def _envelope(self, request: web.Request) -> tuple[dict[str, Any], memoryview]:
@@ -339,7 +364,8 @@ class Miner:
             else:
                 self.done_backward += 1
                 self._spawn(self.report_loss(sample, attempt, loss, path, commits))
-                self._spawn(self.send_backward(sample, attempt, frame, *upstream))
+                self._spawn(self.send_backward(sample, attempt, frame, worker.backward_commitment(sample, attempt),
+                                               *upstream))
         elif job.kind == "backward":
             if (sample, attempt) not in worker.kept:
                 return  # expired while queued
@@ -349,7 +375,8 @@ class Miner:
                 self._release(job.header)
                 self._spawn(self.complete(sample, attempt))
             else:
-                self._spawn(self.send_backward(sample, attempt, frame, *self.upstream.pop((sample, attempt))))
+                self._spawn(self.send_backward(sample, attempt, frame, worker.backward_commitment(sample, attempt),
+                                               *self.upstream.pop((sample, attempt))))
         elif job.kind == "merge":
             await self.merge(job.header)
         elif job.kind == "resync":
@@ -391,9 +418,10 @@ class Miner:
         self.worker.drop(sample, attempt)
         self._release({"sample": sample, "attempt": attempt})
 
-    async def send_backward(self, sample: int, attempt: int, frame: bytes, address: str, hotkey: str) -> None:
+    async def send_backward(self, sample: int, attempt: int, frame: bytes, commit: dict[str, object],
+                            address: str, hotkey: str) -> None:
         assert self.client is not None and self.recipe is not None
-        body = pack({"sample": sample, "attempt": attempt}, frame)
+        body = pack({"sample": sample, "attempt": attempt, "commit": commit}, frame)
         try:
             await self.client.post_bytes(address, "/backward", body, receiver=hotkey, timeout=self.config.timeout)
         except NetError as exc:

@@ -35,7 +35,7 @@ class WorkError(IotaError):
     """A forward or backward request this stage cannot do (bad frame, wrong shape, unknown sample)."""
 
 
-ADVERSARIES = ("random", "stale", "lazy", "poison", "replay")
+ADVERSARIES = ("random", "random_backward", "stale", "lazy", "poison", "replay")
 POISON_SCALE = 8.0  # the poison adversary's merge contribution is noise this many times the honest one's norm
 KEEP_VERSIONS = 32  # weight snapshots kept for audits (validators audit work seconds old)
 KEEP_WORK = 64  # recent forwards kept for audits
@@ -52,6 +52,16 @@ class Work:
     backward_since_merge: int
 
 
+@dataclass(frozen=True)
+class BackwardWork:
+    """A recent backward of a middle stage, as an audit needs it."""
+
+    version: int  # the weights the gradient was taken under
+    input: bytes  # the forward's input frame
+    gradient: bytes  # the output gradient received from the next stage
+    output: bytes  # the input gradient sent to the previous stage
+
+
 def weights_digest(flat: torch.Tensor) -> str:
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
@@ -61,6 +71,7 @@ class Kept:
     """What a forward keeps until its backward arrives."""
 
     input: torch.Tensor  # token ids (first stage) or the decoded boundary tensor
+    frame: bytes | None  # the input frame (None on stage 0)
     output: torch.Tensor
     version: int
     created: float
@@ -82,6 +93,9 @@ class StageWorker:
         self.recipe, self.index, self.data, self.adversary = recipe, index, data, adversary
         self.snapshots: OrderedDict[int, tuple[torch.Tensor, str]] = OrderedDict()
         self.work: OrderedDict[tuple[int, int], Work] = OrderedDict()
+        self.backward_work: OrderedDict[tuple[int, int], BackwardWork] = OrderedDict()
+        # What the next stage vouched for with each backward frame it sent here (for audits of it).
+        self.received: OrderedDict[tuple[int, int], dict[str, object]] = OrderedDict()
         self.rng = torch.Generator().manual_seed(index)
         self.module = recipe.build(vocab_size)[index]
         self.module.train()
@@ -140,16 +154,22 @@ class StageWorker:
             self._after_backward()
         else:
             output = self.module(x, **extra)
-            self.kept[(sample, attempt)] = Kept(x, output, version, time.monotonic())
+            self.kept[(sample, attempt)] = Kept(x, None if frame is None else bytes(frame), output, version,
+                                                time.monotonic())
             value = None
             out = self._encode(self._noise(output) if self.adversary == "random" else output, self.forward_codec,
                                sample, attempt, "forward")
         if self.adversary == "replay":
             out = self._replayed(sample, out)
-        self.work[(sample, attempt)] = Work(version, None if frame is None else bytes(frame), out, value, since_merge)
-        while len(self.work) > KEEP_WORK:
-            self.work.popitem(last=False)
+        self._keep(self.work, (sample, attempt),
+                   Work(version, None if frame is None else bytes(frame), out, value, since_merge))
         return out, value
+
+    @staticmethod
+    def _keep(records: OrderedDict, key: tuple[int, int], value: object) -> None:
+        records[key] = value
+        while len(records) > KEEP_WORK:
+            records.popitem(last=False)
 
     def _replayed(self, sample: int, fresh: bytes) -> bytes:
         """What a replaying miner sends: the frame it sent for another sample last (a valid frame)."""
@@ -187,6 +207,31 @@ class StageWorker:
                   "output_bytes": len(work.output)}
         return header, inputs + work.output + self.snapshots[work.version][0].numpy().tobytes()
 
+    def backward_commitment(self, sample: int, attempt: int) -> dict[str, object]:
+        """What this miner vouches for about a backward frame it sends: its digest and the weights'.
+
+        The last stage's backward frame is the output of its forward, so it vouches with that."""
+        if self.is_last:
+            return self.commitment(sample, attempt)
+        work = self.backward_work[(sample, attempt)]
+        return {"stage": self.index, "output": hashlib.sha256(work.output).hexdigest(),
+                "weights": self.snapshots[work.version][1]}
+
+    def audit_backward(self, sample: int, attempt: int) -> tuple[dict[str, object], bytes] | None:
+        """A recent backward of a middle stage for a validator, as (header, payload), or None if not kept.
+
+        The payload is the forward's input frame, the gradient received, the gradient sent and
+        the flat float32 weights the backward ran under."""
+        work = self.backward_work.get((sample, attempt))
+        if work is None or work.version not in self.snapshots:
+            return None
+        header = {**self.backward_commitment(sample, attempt), "input_bytes": len(work.input),
+                  "gradient_bytes": len(work.gradient), "output_bytes": len(work.output)}
+        return header, work.input + work.gradient + work.output + self.snapshots[work.version][0].numpy().tobytes()
+
+    def note_received(self, sample: int, attempt: int, commitment: dict[str, object]) -> None:
+        self._keep(self.received, (sample, attempt), commitment)
+
     def backward(self, sample: int, attempt: int, frame: bytes) -> bytes | None:
         """Backward of a kept forward; returns the gradient frame for the previous stage (None on stage 0)."""
         kept = self.kept.pop((sample, attempt), None)
@@ -197,6 +242,7 @@ class StageWorker:
         if grad.shape != kept.output.shape:
             raise WorkError(f"gradient of shape {tuple(grad.shape)} for an output of shape {tuple(kept.output.shape)}")
         output, x = kept.output, kept.input
+        self._snapshot()  # the weights this backward runs under, for audits
         if kept.version != self.version:
             if not self.is_first:
                 x = x.detach().requires_grad_()
@@ -204,10 +250,27 @@ class StageWorker:
             extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
             output = self.module(x, **extra)
         output.backward(grad.to(output.dtype))
+        version = self.version
         self._after_backward()
         if self.is_first:
             return None
-        return self._encode(x.grad, self.backward_codec, sample, attempt, "backward")
+        if self.adversary == "random_backward":
+            out = self._encode(self._noise(x.grad), self.backward_codec, sample, attempt, "backward")
+        else:
+            out = self._encode(x.grad, self.backward_codec, sample, attempt, "backward")
+        assert kept.frame is not None
+        self._keep(self.backward_work, (sample, attempt), BackwardWork(version, kept.frame, bytes(frame), out))
+        return out
+
+    def recompute_backward(self, sample: int, attempt: int, frame: bytes, gradient: bytes) -> bytes:
+        """The input-gradient frame of a middle stage's backward from scratch, under the current
+        weights, changing nothing (audits)."""
+        x = self._decode(frame, self.in_width).requires_grad_()
+        extra = {"tokens": self.batch(sample)[0]} if self.reembed else {}
+        output = self.module(x, **extra)
+        grad = self._decode(gradient, output.shape[-1])
+        (x_grad,) = torch.autograd.grad(output, x, grad.to(output.dtype))
+        return self._encode(x_grad, self.backward_codec, sample, attempt, "backward")
 
     def forget(self, older_than: float) -> list[tuple[int, int]]:
         """Drop forwards kept since before `older_than` (monotonic seconds); returns their keys."""

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--report", help="write a JSON report of the run here")
     local.add_argument("--no-live", action="store_true", help="print progress lines instead of a live view")
     local.add_argument("--adversary", choices=ADVERSARIES,
-                       help="make the first miner cheat this way (a demo of the validator)")
+                       help="make the first miner cheat this way (a demo of the validator); "
+                            "random_backward needs 3 or more stages (it puts the cheat on stage 1)")
     settings.add_fields(local, Recipe, skip=("samples",))
 
     orch = roles.add_parser("orchestrator", help="the control plane of a run")
@@ -188,10 +189,14 @@ def run_local(args: argparse.Namespace) -> None:
     miners_per_stage = args.miners_per_stage or options.get("miners_per_stage", 2)
     directory = Path(args.dir or tempfile.mkdtemp(prefix="iota-local-"))
     cores = os.cpu_count() or 1
+    if args.adversary == "random_backward" and recipe.stages < 3:
+        raise SystemExit("--adversary random_backward cheats on the gradients a middle stage sends back: "
+                         "give --stages 3 or more")
     swarm = LocalSwarm(directory, recipe, miners_per_stage=miners_per_stage,
                        threads=args.threads or max(1, cores // (recipe.stages * miners_per_stage)),
                        orchestrator_settings=toml.get("orchestrator", {}), miner_settings=toml.get("miner", {}),
-                       adversaries={0: args.adversary} if args.adversary else {})
+                       adversaries={0: args.adversary} if args.adversary else {},
+                       miner_stages={0: 1} if args.adversary == "random_backward" else {})
     print(f"iota local swarm: {recipe.stages} stages x {miners_per_stage} miners + 1 validator, "
           f"a {recipe.dim}-wide {recipe.n_layers}-layer model, {recipe.samples} samples of "
           f"{recipe.tokens_per_sample()} tokens, compression {recipe.compression}; run directory {directory}")

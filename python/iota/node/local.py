@@ -55,6 +55,7 @@ class LocalSwarm:
     miner_settings: dict[str, Any] = field(default_factory=dict)
     validator: bool = True
     adversaries: dict[int, str] = field(default_factory=dict)  # miner number -> MinerConfig.adversary
+    miner_stages: dict[int, int] = field(default_factory=dict)  # miner number -> the stage it asks for
     port: int = 0
     children: dict[str, Child] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
@@ -127,7 +128,9 @@ class LocalSwarm:
         if self.next_miner > self.recipe.stages * self.miners_per_stage + self.spare_miners:
             raise RuntimeError("no registered miner keys left; raise spare_miners")
         args = ["miner", "--key", name, "--orchestrator", self.url, *self._common()]
-        settings = {**self.miner_settings, "adversary": self.adversaries.get(self.next_miner - 1, "")}
+        number = self.next_miner - 1
+        settings = {**self.miner_settings, "adversary": self.adversaries.get(number, ""),
+                    "stage": self.miner_stages.get(number, -1)}
         for setting, value in settings.items():
             args += [f"--{setting.replace('_', '-')}", str(value)]
         self._spawn(name, args)

@@ -16,9 +16,10 @@ class OrchestratorClient:
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.client.post_json(self.address, path, payload, receiver=self.hotkey, timeout=self.timeout)
 
-    async def register(self, flops: float, address: str | None = None,
-                       merge_address: str | None = None) -> dict[str, Any]:
-        return await self._post("/register", {"flops": flops, "address": address, "merge_address": merge_address})
+    async def register(self, flops: float, address: str | None = None, merge_address: str | None = None,
+                       stage: int | None = None) -> dict[str, Any]:
+        return await self._post("/register", {"flops": flops, "address": address, "merge_address": merge_address,
+                                              "stage": stage})
 
     async def heartbeat(self, stats: dict[str, Any]) -> dict[str, Any]:
         return await self._post("/heartbeat", {"stats": stats})

@@ -22,8 +22,9 @@ class OrchestratorConfig:
     slowest stage gets at least this much faster (hysteresis against
     flapping); at most one move per `rebalance_every` seconds.
 
-    A miner a validator flagged is left out of its stage's merges for
-    `flag_memory` seconds after the flag.
+    A miner a validator flagged is left out of its stage's merges, and gets
+    no work (no leases, not among the next stage's peers), for `flag_memory`
+    seconds after the flag.
     """
 
     heartbeat: float = 0.5

@@ -131,10 +131,16 @@ class Orchestrator:
                                               for a in (address, merge_address)):
             return json_error(400, "BadRequest", "a miner must give the http addresses it serves on "
                                                  "(address: forward/backward, merge_address: all-reduce)")
+        wanted = body.get("stage")
+        if wanted is not None and not (isinstance(wanted, int) and 0 <= wanted < self.recipe.stages):
+            return json_error(400, "BadRequest", f"stage must be null or an integer in [0, {self.recipe.stages})")
         stage = None
         if sender.role == "miner":
             existing = self.store.node(sender.hotkey)
-            stage = existing.stage if existing is not None and existing.alive else self._assign()
+            if existing is not None and existing.alive:
+                stage = existing.stage
+            else:
+                stage = self._assign() if wanted is None else wanted
         self.store.upsert_node(sender.hotkey, sender.role, address, merge_address, stage, flops)
         self.store.add_event("node_joined", {"hotkey": sender.hotkey, "role": sender.role, "stage": stage})
         log.info("%s %s joined%s", sender.role, sender.hotkey, "" if stage is None else f" on stage {stage}")
@@ -174,9 +180,11 @@ class Orchestrator:
             reply["stage"] = node.stage
             reply["phase"] = {"phase": phase.phase, "round": phase.round, "members": phase.members}
             if node.stage + 1 < self.recipe.stages:
+                # A miner a validator flagged lately gets no work: what it returns would train the others on garbage.
+                flagged = self._recently_flagged()
                 reply["next"] = [
                     {"hotkey": n.hotkey, "address": n.address, "flops": n.flops, "queue": n.stats.get("queue", 0)}
-                    for n in self.store.nodes(role="miner") if n.stage == node.stage + 1
+                    for n in self.store.nodes(role="miner") if n.stage == node.stage + 1 and n.hotkey not in flagged
                 ]
         return web.json_response(reply)
 
@@ -196,6 +204,8 @@ class Orchestrator:
             return json_error(409, "WrongStage", "only miners of stage 0 lease samples")
         if self.status != "training":
             return web.json_response({"sample": None, "status": self.status})
+        if hotkey in self._recently_flagged():
+            return web.json_response({"sample": None, "status": self.status, "flagged": True})
         timeout = self.config.lease_timeout(self.store.median_latency())
         lease = self.store.lease(hotkey, self.recipe.samples, timeout)
         if lease is None:
@@ -355,8 +365,9 @@ class Orchestrator:
         self.store.set_meta(f"scores:{validator}", scores)
         return web.json_response({"accepted": True})
 
-    def flagged(self, since: float) -> set[str]:
-        return {f["hotkey"] for f in self.store.flags(since)}
+    def _recently_flagged(self) -> set[str]:
+        """Miners flagged within `flag_memory` seconds: they sit out merges and get no work."""
+        return {f["hotkey"] for f in self.store.flags(time.time() - self.config.flag_memory)}
 
     # -- public views -----------------------------------------------------------
 
@@ -468,7 +479,7 @@ class Orchestrator:
     def _merge_members(self, s: int, phase: StagePhase) -> list[dict[str, Any]]:
         """The miners of stage `s` that take part in its next merge round."""
         # Miners a validator flagged lately sit merges out: their contributions cannot be trusted.
-        excluded = self.flagged(time.time() - self.config.flag_memory)
+        excluded = self._recently_flagged()
         # A member that did not contribute to the stage's last merged round (it never joined) would
         # make every round wait for it: it sits out until it has caught up by loading the merged weights.
         excluded |= self._absent(s, phase.round)

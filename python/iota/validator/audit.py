@@ -86,3 +86,40 @@ def check(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any]
     if loss is not None and not math.isclose(loss, recorded_loss, rel_tol=1e-3, abs_tol=1e-3):
         return Verdict(False, "wrong_loss", {**where, "loss": recorded_loss, "recomputed": round(loss, 5)})
     return Verdict(True, detail={**where, "relative_error": error})
+
+
+def check_backward(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any], payload: bytes,
+                   commits: list[dict[str, Any]], sent_by_next: dict[str, Any],
+                   received_by_previous: dict[str, Any]) -> Verdict:
+    """Judge the backward a middle stage `worker.index` did for a sample, from its audit answer
+    (`header`, `payload` of /audit kind "backward"), the forward commitments `commits`, what the
+    next stage's miner says it sent back (`sent_by_next`) and what the previous stage's miner says
+    came with the gradient it received (`received_by_previous`): both other parties to the exchange.
+
+    `worker` is a scratch worker of the stage: its weights are overwritten.
+    """
+    stage = worker.index
+    sizes = [int(header["input_bytes"]), int(header["gradient_bytes"]), int(header["output_bytes"])]
+    ends = [sum(sizes[:i + 1]) for i in range(3)]
+    inputs, gradient, output = payload[:ends[0]], payload[ends[0]:ends[1]], payload[ends[1]:ends[2]]
+    weights_bytes = payload[ends[2]:]
+    where = {"sample": sample, "attempt": attempt, "stage": stage, "direction": "backward"}
+    digest = hashlib.sha256(output).hexdigest()
+    if digest != header["output"] or digest != received_by_previous.get("output"):
+        return Verdict(False, "audit_output_mismatch",
+                       {**where, "why": "the gradient shown is not the one the previous stage received"})
+    weights = torch.frombuffer(bytearray(weights_bytes), dtype=torch.float32)
+    if (weights.numel() != sum(p.numel() for p in worker.params)
+            or weights_digest(weights) != header["weights"] or header["weights"] != received_by_previous.get("weights")):
+        return Verdict(False, "audit_weights_mismatch", {**where, "why": "the weights shown are not the ones vouched for"})
+    if hashlib.sha256(inputs).hexdigest() != commits[stage - 1]["output"]:
+        return Verdict(False, "audit_input_mismatch", {**where, "why": "the input shown is not the one received"})
+    if hashlib.sha256(gradient).hexdigest() != sent_by_next.get("output"):
+        return Verdict(False, "audit_gradient_mismatch",
+                       {**where, "why": "the gradient shown is not the one the next stage sent"})
+    unflatten_into(weights, worker.params)
+    recomputed = worker.recompute_backward(sample, attempt, bytes(inputs), bytes(gradient))
+    error = relative_error(Codec.decode(recomputed), Codec.decode(bytes(output)))
+    if error > MAX_RELATIVE_ERROR:
+        return Verdict(False, "wrong_gradient", {**where, "relative_error": round(error, 4)})
+    return Verdict(True, detail={**where, "relative_error": error})

@@ -32,7 +32,7 @@ from iota.model.recipe import Recipe
 from iota.net import NetError, PeerError, SignedClient
 from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
-from iota.validator.audit import check, stale_work
+from iota.validator.audit import Verdict, check, check_backward, stale_work
 from iota.validator.consensus import MergeVotes
 from iota.validator.replays import Replays
 from iota.validator.scoring import PathLoss, score_miners, weights_of
@@ -175,7 +175,11 @@ class Validator:
                 audits.append((row, detail["stage"], detail))
             if self.rng.random() < self.config.audit_rate:
                 audits.append((row, self.rng.randrange(self.recipe.stages), None))
-        if not audits:
+        # Middle stages also send gradients back: audit a share of their backward passes too.
+        middle = range(1, self.recipe.stages - 1)
+        backward = [(row, self.rng.choice(middle)) for row in rows
+                    if middle and self.rng.random() < self.config.audit_rate]
+        if not (audits or backward):
             return
         addresses = {m["hotkey"]: m["address"] for st in (await self.client.get_json(
             self.orchestrator_address, "/api/state", receiver=self.orchestrator_hotkey,
@@ -185,20 +189,31 @@ class Validator:
             if hotkey in self.flagged or hotkey not in addresses:
                 continue
             await self.audit(row, stage, hotkey, addresses[hotkey], repeated)
+        for row, stage in reversed(backward):
+            if row["path"][stage] not in self.flagged and all(h in addresses for h in row["path"]):
+                await self.audit_backward(row, stage, addresses)
 
-    async def audit(self, row: dict[str, Any], stage: int, hotkey: str, address: str,
-                    repeated: dict[str, Any] | None = None) -> None:
-        """Recompute `row`'s work at `stage`; `repeated` says the frame was sent for another sample too."""
+    async def ask(self, row: dict[str, Any], kind: str, hotkey: str, address: str) -> tuple[dict[str, Any], bytes] | None:
+        """A miner's record of kind `kind` of `row`'s sample (see the miner's /audit), or None if it no longer keeps it."""
         try:
             body = await self.client.post_bytes(address, "/audit", pack({"sample": row["sample"],
-                                                                          "attempt": row["attempt"]}),
+                                                                          "attempt": row["attempt"], "kind": kind}),
                                                 receiver=hotkey, timeout=self.config.timeout, max_response=1 << 30)
         except PeerError as exc:
             if exc.status == 404:
                 self.audits["unavailable"] += 1
-                return
+                return None
             raise
         header, payload = unpack(body)
+        return header, bytes(payload)
+
+    async def audit(self, row: dict[str, Any], stage: int, hotkey: str, address: str,
+                    repeated: dict[str, Any] | None = None) -> None:
+        """Recompute `row`'s work at `stage`; `repeated` says the frame was sent for another sample too."""
+        answer = await self.ask(row, "forward", hotkey, address)
+        if answer is None:
+            return
+        header, payload = answer
         worker = await self.scratch_worker(stage)
         v = row["commits"][stage].get("global_version", -1)
         if v >= 0 and (stage, v) not in self.global_cache:
@@ -206,17 +221,36 @@ class Validator:
             outer = OuterNesterov(flatten(worker.params))
             outer.load_bytes(state)
             self.global_cache[(stage, v)] = outer.weights
-        verdict = await asyncio.to_thread(check, worker, row["sample"], row["attempt"], header, bytes(payload),
+        verdict = await asyncio.to_thread(check, worker, row["sample"], row["attempt"], header, payload,
                                           row["commits"], row["loss"],
                                           lambda v: self.global_cache[(stage, v)])
+        if repeated is not None and not verdict.ok:  # a frame sent twice that is wrong the second time: replayed
+            verdict = Verdict(False, "replayed_work", {**repeated, "audit": verdict.reason, **verdict.detail})
+        await self.judged(hotkey, verdict)
+
+    async def audit_backward(self, row: dict[str, Any], stage: int, addresses: dict[str, str]) -> None:
+        """Recompute the backward of middle stage `stage` for `row`'s sample, checking the gradient it
+        got against what the next stage's miner sent and the one it sent against what the previous
+        stage's miner received."""
+        path = row["path"]
+        hotkey, before, after = path[stage], path[stage - 1], path[stage + 1]
+        answers = [await self.ask(row, "backward", hotkey, addresses[hotkey]),
+                   await self.ask(row, "sent", after, addresses[after]),
+                   await self.ask(row, "received", before, addresses[before])]
+        if any(a is None for a in answers):
+            return  # one of them no longer keeps it (or the backward has not happened): nobody is judged
+        (header, payload), (sent, _), (received, _) = answers  # type: ignore[misc]
+        worker = await self.scratch_worker(stage)
+        verdict = await asyncio.to_thread(check_backward, worker, row["sample"], row["attempt"], header, payload,
+                                          row["commits"], sent, received)
+        await self.judged(hotkey, verdict)
+
+    async def judged(self, hotkey: str, verdict: Verdict) -> None:
         if verdict.ok:
             self.audits["passed"] += 1
             return
         self.audits["failed"] += 1
-        if repeated is not None:  # a frame sent twice that is wrong the second time: replayed
-            await self.flag(hotkey, "replayed_work", {**repeated, "audit": verdict.reason, **verdict.detail})
-        else:
-            await self.flag(hotkey, verdict.reason, verdict.detail)
+        await self.flag(hotkey, verdict.reason, verdict.detail)
 
     async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> None:
         self.flagged[hotkey] = time.monotonic()
