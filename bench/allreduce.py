@@ -9,7 +9,12 @@ beside gloo's, and body bytes each peer sent and received per
 round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
 the fp32 vector. Prints JSON lines.
 
-    python bench/allreduce.py [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64]
+With --netlab RATE (root, the netlab tool in ../shared/tools) every peer, gloo rank or
+iota peer, runs in its own network namespace at 10.77.0.{i+1}, each host's
+uplink and downlink shaped to RATE (e.g. 1gbit); the lab is taken down at the
+end. Every line says its "link": RATE, or "loopback" without --netlab.
+
+    python bench/allreduce.py [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64] [--netlab RATE]
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,6 +39,10 @@ from iota.allreduce import AllReduceConfig
 from iota.allreduce.worker import synthetic_vector
 from iota.chain import LocalChain, dev_keypair
 from iota.codec import Codec
+
+# The team's netlab tool sits in shared/ beside the checkout; IOTA_NETLAB points elsewhere.
+NETLAB = Path(os.environ.get("IOTA_NETLAB", Path(__file__).resolve().parents[2] / "shared" / "tools" / "netlab"))
+LAB = "iotabench"  # our own netlab prefix, apart from the labs others bring up
 
 
 def peer_name(i: int) -> str:
@@ -47,9 +59,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gloo_rank(rank: int, world: int, port: int, numel: int, repeats: int, out: str) -> None:
+def peer_host(i: int, lab: bool) -> str:
+    """The address peer i listens on: netlab puts its host i at 10.77.0.{i+1}."""
+    return f"10.77.0.{i + 1}" if lab else "127.0.0.1"
+
+
+def start_peer(i: int, argv: list[str], lab: bool, lab_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Peer i's process: on this machine, or inside netlab host i with lab_env added to its environment."""
+    if not lab:
+        return subprocess.Popen(argv)
+    env = {**os.environ, "NETLAB_PREFIX": LAB, **(lab_env or {})}
+    # netlab exec ends in `exec ip netns exec`, which execs argv: the Popen is the peer itself, kill() reaches it.
+    return subprocess.Popen([str(NETLAB), "exec", str(i), *argv], env=env)
+
+
+def check_netlab() -> None:
+    if os.geteuid() != 0:
+        sys.exit("--netlab needs root: it creates network namespaces")
+    if not os.access(NETLAB, os.X_OK):
+        sys.exit(f"--netlab needs the netlab tool at {NETLAB}, which is missing")
+    namespaces = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    if any(line.startswith(f"{LAB}-") for line in namespaces.splitlines()):
+        # Left alone: they may belong to another bench that is still running.
+        sys.exit(f"netlab namespaces {LAB}-* exist already (another bench's, or a killed one's: {NETLAB} down {LAB})")
+
+
+@contextmanager
+def netlab(hosts: int, rate: str) -> Iterator[None]:
+    """netlab hosts LAB-0..hosts-1 with links at rate, taken down however the block exits."""
+    try:
+        # netlab's progress line goes to stderr: stdout stays JSON lines.
+        subprocess.run([str(NETLAB), "up", str(hosts), rate, LAB], check=True, stdout=sys.stderr)
+        yield
+    finally:
+        subprocess.run([str(NETLAB), "down", LAB], check=True)
+
+
+def gloo_rank(rank: int, world: int, host: str, port: int, numel: int, repeats: int, out: str) -> None:
     """One gloo process: the weighted sum by all_reduce, then the division, timed per round."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world)
     try:
         source = synthetic_vector(numel, rank) * weight(rank)
         total = sum(weight(i) for i in range(world))
@@ -66,13 +114,18 @@ def gloo_rank(rank: int, world: int, port: int, numel: int, repeats: int, out: s
         dist.destroy_process_group()
 
 
-def run_gloo(world: int, numel: int, repeats: int, directory: Path) -> list[float]:
-    port = free_port()
+def run_gloo(world: int, numel: int, repeats: int, directory: Path, lab: bool) -> list[float]:
+    port = free_port()  # free on this machine, and in a fresh netlab host too
     outs = [directory / f"gloo-{r}.json" for r in range(world)]
     procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--gloo-rank", str(r), "--world", str(world), "--port", str(port),
-             "--elements", str(numel), "--repeats", str(repeats), "--out", str(outs[r])]
+        start_peer(
+            r,
+            [sys.executable, __file__, "--gloo-rank", str(r), "--world", str(world), "--host", peer_host(0, lab),
+             "--port", str(port), "--elements", str(numel), "--repeats", str(repeats), "--out", str(outs[r])],
+            lab,
+            # Gloo picks its interface from the hostname, which resolves to 127.0.0.1; ranks in other
+            # namespaces cannot reach that, so name the host's link.
+            {"GLOO_SOCKET_IFNAME": f"h{r}"},
         )
         for r in range(world)
     ]
@@ -90,7 +143,7 @@ def run_gloo(world: int, numel: int, repeats: int, directory: Path) -> list[floa
 
 
 def run_iota(
-    world: int, numel: int, repeats: int, codecs: list[str], config: dict, directory: Path
+    world: int, numel: int, repeats: int, codecs: list[str], config: dict, directory: Path, lab: bool
 ) -> dict[int, list[dict]]:
     """Every codec's rounds in one set of peer processes; returns each peer's result lines."""
     keys = [dev_keypair(peer_name(i)) for i in range(world)]
@@ -102,13 +155,15 @@ def run_iota(
     procs = []
     try:
         for i in range(world):
+            # Namespaces share the filesystem: specs, addresses and results all go through `directory`.
             spec = {
-                "name": peer_name(i), "chain": str(directory / "chain.json"), "dir": str(directory), "wait": 120,
+                "name": peer_name(i), "host": peer_host(i, lab), "chain": str(directory / "chain.json"),
+                "dir": str(directory), "wait": 120,
                 "rounds": [{**r, "seed": i, "weight": weight(i)} for r in rounds], "config": config,
             }
             path = directory / f"{peer_name(i)}.json"
             path.write_text(json.dumps(spec))
-            procs.append(subprocess.Popen([sys.executable, "-m", "iota.allreduce.worker", str(path)]))
+            procs.append(start_peer(i, [sys.executable, "-m", "iota.allreduce.worker", str(path)], lab))
         members = []
         for i in range(world):
             address = directory / f"{peer_name(i)}.address"
@@ -144,30 +199,41 @@ def main() -> None:
     parser.add_argument("--part-bytes", type=int, default=defaults.part_bytes, help="wire bytes per streamed part")
     parser.add_argument("--max-inflight", type=int, default=defaults.max_inflight)
     parser.add_argument("--workdir", help="keep the peers' configs and result lines here (default: a temporary dir)")
+    parser.add_argument("--netlab", metavar="RATE", help="run each peer in its own netlab host, links shaped to RATE")
     # Internal: one gloo rank (the script runs itself for each).
     parser.add_argument("--gloo-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gloo_rank is not None:
-        gloo_rank(args.gloo_rank, args.world, args.port, args.elements, args.repeats, args.out)
+        gloo_rank(args.gloo_rank, args.world, args.host, args.port, args.elements, args.repeats, args.out)
         return
+    lab = args.netlab is not None
+    if lab:
+        check_netlab()
+        # SIGTERM (kill, timeout) ends the run through the finally blocks too, so the lab comes down.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    link = args.netlab if lab else "loopback"
 
     n, world = args.elements, args.peers
     fp32_bytes = 4 * n
     optimal = 2 * (world - 1) / world * fp32_bytes
     config = {"part_bytes": args.part_bytes, "max_inflight": args.max_inflight}
-    print(json.dumps({"bench": "allreduce", "peers": world, "elements": n, "fp32_bytes": fp32_bytes,
+    print(json.dumps({"bench": "allreduce", "link": link, "peers": world, "elements": n, "fp32_bytes": fp32_bytes,
                       "optimal_bytes_per_peer": optimal, "cpus": os.cpu_count(), "config": config}), flush=True)
-    with tempfile.TemporaryDirectory(prefix="iota-bench-allreduce-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="iota-bench-allreduce-") as tmp,
+        netlab(world, args.netlab) if lab else nullcontext(),
+    ):
         directory = Path(args.workdir or tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        gloo = run_gloo(world, n, args.repeats, directory)
+        gloo = run_gloo(world, n, args.repeats, directory, lab)
         gloo_seconds = statistics.median(gloo)
-        print(json.dumps({"bench": "gloo", "seconds": gloo_seconds, "rounds": gloo,
+        print(json.dumps({"bench": "gloo", "link": link, "seconds": gloo_seconds, "rounds": gloo,
                           "bytes_per_peer_ring": optimal}), flush=True)
-        lines = run_iota(world, n, args.repeats, args.codecs, config, directory)
+        lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
         seconds, sent, received, failures = [], [], [], []
@@ -187,7 +253,7 @@ def main() -> None:
         frame_bytes = Codec.from_string(codec).frame_size((n,))
         median = statistics.median(seconds)
         print(json.dumps({
-            "bench": "iota.allreduce", "codec": codec, "seconds": median, "rounds": seconds,
+            "bench": "iota.allreduce", "link": link, "codec": codec, "seconds": median, "rounds": seconds,
             "gloo_seconds": gloo_seconds, "time_vs_gloo": median / gloo_seconds,
             "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
             "sent_vs_optimal_fp32": statistics.mean(sent) / optimal,

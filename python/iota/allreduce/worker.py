@@ -4,6 +4,8 @@
 
 CONFIG is JSON:
     name     dev key name (the hotkey is iota.chain.dev_keypair(name))
+    host     address to serve on (optional, default 127.0.0.1; e.g. the
+             peer's own address inside a network namespace)
     chain    a LocalChain file (LocalChain.save) that registers every peer
     dir      where the peer writes `{name}.address` once it serves, waits for
              `group.json` ({"members": [{"hotkey", "address", "bandwidth"}]}),
@@ -78,7 +80,7 @@ async def run(spec: dict[str, Any]) -> None:
         faults=Faults(**spec.get("faults", {})),
     )
     results = directory / f"{name}.results.jsonl"
-    async with peer.serving("127.0.0.1", 0):
+    async with peer.serving(spec.get("host", "127.0.0.1"), 0):
         write_atomic(directory / f"{name}.address", json.dumps({"hotkey": peer.hotkey, "address": peer.address}))
         members = (await wait_for_file(directory / "group.json", spec["wait"]))["members"]
         reports = {}
