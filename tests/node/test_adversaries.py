@@ -10,7 +10,7 @@ import pytest
 
 from iota.chain import dev_keypair
 from iota.model.recipe import Recipe
-from iota.node.local import VALIDATOR_KEY, miner_key
+from iota.node.local import VALIDATOR_KEY, miner_key, report
 from tests.node.swarm import TINY, loss_fell, run_until
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,10 @@ def test_validator_catches_the_adversary(swarm_factory, adversary: str) -> None:
     honest = [s["score"] for h, s in scores.items() if h != cheat]
     assert len(honest) == 3 and scores[cheat]["score"] < min(honest)
     assert loss_fell(state, 1.0)
+    # The run's report (--report) tells who was caught and how everyone scored.
+    summary = report(swarm, state, 1.0)
+    assert {f["hotkey"] for f in summary["flags"]} == {cheat}
+    assert summary["scores"][validator][cheat] == scores[cheat]["score"]
     # The flagged miner sat out the merges of its stage after it was caught.
     db = sqlite3.connect(swarm.directory / "orchestrator.sqlite")
     rounds = db.execute("SELECT members FROM stages").fetchall()

@@ -296,6 +296,8 @@ def progress_table(state: dict, swarm: LocalSwarm):
                   f"{traffic['gradients'] / 1e6:.2f} MB, all-reduce {traffic['allreduce'] / 1e6:.2f} MB")
     table.add_row("merges", str(sum(m["outcome"] == "merged" for m in state["merges"])))
     table.add_row("miners lost / replaced", f"{len(swarm.lost)} / {len(swarm.replaced)}")
+    flagged = {f["hotkey"]: f["reason"] for f in state["flags"]}
+    table.add_row("flagged by validators", ", ".join(f"{h[:8]}… {r}" for h, r in flagged.items()) or "none")
     return table
 
 

@@ -214,6 +214,9 @@ def report(swarm: LocalSwarm, state: dict[str, Any], seconds: float) -> dict[str
         "miners_replaced": swarm.replaced,
         "miners_dropped_by_orchestrator": state["miners_lost"],
         "moves": state["moves"],
+        # Who the validators caught, and the scores they published (validator -> miner -> score).
+        "flags": [{k: f[k] for k in ("hotkey", "reason", "validator")} for f in state["flags"]],
+        "scores": {v: {h: s["score"] for h, s in (scores or {}).items()} for v, scores in state["scores"].items()},
     }
 
 
