@@ -290,8 +290,8 @@ class Miner:
         elif kind == "backward":
             found = worker.audit_backward(*key)
         elif kind == "sent":
-            if key in worker.backward_work or (worker.is_last and key in worker.work):
-                found = worker.backward_commitment(*key), b""
+            commit = worker.backward_commitment(*key)
+            found = None if commit is None else (commit, b"")
         elif kind == "received":
             if key in worker.received:
                 found = dict(worker.received[key]), b""
@@ -418,7 +418,7 @@ class Miner:
         self.worker.drop(sample, attempt)
         self._release({"sample": sample, "attempt": attempt})
 
-    async def send_backward(self, sample: int, attempt: int, frame: bytes, commit: dict[str, object],
+    async def send_backward(self, sample: int, attempt: int, frame: bytes, commit: dict[str, object] | None,
                             address: str, hotkey: str) -> None:
         assert self.client is not None and self.recipe is not None
         body = pack({"sample": sample, "attempt": attempt, "commit": commit}, frame)

@@ -143,6 +143,7 @@ class StageWorker:
             x = self._decode(frame, self.in_width).requires_grad_()
         extra = {"tokens": tokens} if self.reembed and not self.is_first else {}
         version, since_merge = self.version, self.samples_since_merge  # as the weights were at this forward
+        received = None if frame is None else bytes(frame)
         self._snapshot()
         if self.is_last:
             loss = self.module(x, targets, **extra)
@@ -154,15 +155,13 @@ class StageWorker:
             self._after_backward()
         else:
             output = self.module(x, **extra)
-            self.kept[(sample, attempt)] = Kept(x, None if frame is None else bytes(frame), output, version,
-                                                time.monotonic())
+            self.kept[(sample, attempt)] = Kept(x, received, output, version, time.monotonic())
             value = None
             out = self._encode(self._noise(output) if self.adversary == "random" else output, self.forward_codec,
                                sample, attempt, "forward")
         if self.adversary == "replay":
             out = self._replayed(sample, out)
-        self._keep(self.work, (sample, attempt),
-                   Work(version, None if frame is None else bytes(frame), out, value, since_merge))
+        self._keep(self.work, (sample, attempt), Work(version, received, out, value, since_merge))
         return out, value
 
     @staticmethod
@@ -207,13 +206,17 @@ class StageWorker:
                   "output_bytes": len(work.output)}
         return header, inputs + work.output + self.snapshots[work.version][0].numpy().tobytes()
 
-    def backward_commitment(self, sample: int, attempt: int) -> dict[str, object]:
-        """What this miner vouches for about a backward frame it sends: its digest and the weights'.
+    def backward_commitment(self, sample: int, attempt: int) -> dict[str, object] | None:
+        """What this miner vouches for about a backward frame it sent: its digest and the weights'
+        (None once that work is no longer kept).
 
         The last stage's backward frame is the output of its forward, so it vouches with that."""
         if self.is_last:
-            return self.commitment(sample, attempt)
-        work = self.backward_work[(sample, attempt)]
+            return self.commitment(sample, attempt) if (sample, attempt) in self.work else None
+        work = self.backward_work.get((sample, attempt))
+        return None if work is None else self._backward_commitment(work)
+
+    def _backward_commitment(self, work: BackwardWork) -> dict[str, object]:
         return {"stage": self.index, "output": hashlib.sha256(work.output).hexdigest(),
                 "weights": self.snapshots[work.version][1]}
 
@@ -225,7 +228,7 @@ class StageWorker:
         work = self.backward_work.get((sample, attempt))
         if work is None or work.version not in self.snapshots:
             return None
-        header = {**self.backward_commitment(sample, attempt), "input_bytes": len(work.input),
+        header = {**self._backward_commitment(work), "input_bytes": len(work.input),
                   "gradient_bytes": len(work.gradient), "output_bytes": len(work.output)}
         return header, work.input + work.gradient + work.output + self.snapshots[work.version][0].numpy().tobytes()
 
@@ -254,10 +257,8 @@ class StageWorker:
         self._after_backward()
         if self.is_first:
             return None
-        if self.adversary == "random_backward":
-            out = self._encode(self._noise(x.grad), self.backward_codec, sample, attempt, "backward")
-        else:
-            out = self._encode(x.grad, self.backward_codec, sample, attempt, "backward")
+        sent = self._noise(x.grad) if self.adversary == "random_backward" else x.grad
+        out = self._encode(sent, self.backward_codec, sample, attempt, "backward")
         assert kept.frame is not None
         self._keep(self.backward_work, (sample, attempt), BackwardWork(version, kept.frame, bytes(frame), out))
         return out

@@ -39,6 +39,24 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.float() - b.float()) / (torch.linalg.vector_norm(b.float()) + 1e-12))
 
 
+def sections(payload: bytes, header: dict[str, Any], *names: str) -> list[bytes]:
+    """The payload cut into the sections whose sizes the header gives (`{name}_bytes`), then the rest."""
+    cuts, at = [], 0
+    for name in names:
+        end = at + int(header[f"{name}_bytes"])
+        cuts.append(payload[at:end])
+        at = end
+    return cuts + [payload[at:]]
+
+
+def shown_weights(worker: StageWorker, raw: bytes, digest: str) -> torch.Tensor | None:
+    """The flat float32 weights a miner handed over, if they are the stage's size and hash to `digest`."""
+    weights = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    if weights.numel() != sum(p.numel() for p in worker.params) or weights_digest(weights) != digest:
+        return None
+    return weights
+
+
 def stale_work(path: Sequence[str], commits: Sequence[dict[str, Any]],
                versions: Sequence[int]) -> dict[str, dict[str, Any]]:
     """The miners on a sample's path whose merged weights were stale: more than one
@@ -61,13 +79,12 @@ def check(worker: StageWorker, sample: int, attempt: int, header: dict[str, Any]
     """
     stage = worker.index
     commit = commits[stage]
-    n_in, n_out = int(header["input_bytes"]), int(header["output_bytes"])
-    inputs, output, weights_bytes = payload[:n_in], payload[n_in:n_in + n_out], payload[n_in + n_out:]
+    inputs, output, weights_bytes = sections(payload, header, "input", "output")
     where = {"sample": sample, "attempt": attempt, "stage": stage}
     if hashlib.sha256(output).hexdigest() != commit["output"]:
         return Verdict(False, "audit_output_mismatch", {**where, "why": "the output shown is not the one sent"})
-    weights = torch.frombuffer(bytearray(weights_bytes), dtype=torch.float32)
-    if weights.numel() != sum(p.numel() for p in worker.params) or weights_digest(weights) != commit["weights"]:
+    weights = shown_weights(worker, weights_bytes, commit["weights"])
+    if weights is None:
         return Verdict(False, "audit_weights_mismatch", {**where, "why": "the weights shown are not the ones vouched for"})
     if stage > 0 and hashlib.sha256(inputs).hexdigest() != commits[stage - 1]["output"]:
         return Verdict(False, "audit_input_mismatch", {**where, "why": "the input shown is not the one received"})
@@ -99,18 +116,14 @@ def check_backward(worker: StageWorker, sample: int, attempt: int, header: dict[
     `worker` is a scratch worker of the stage: its weights are overwritten.
     """
     stage = worker.index
-    sizes = [int(header["input_bytes"]), int(header["gradient_bytes"]), int(header["output_bytes"])]
-    ends = [sum(sizes[:i + 1]) for i in range(3)]
-    inputs, gradient, output = payload[:ends[0]], payload[ends[0]:ends[1]], payload[ends[1]:ends[2]]
-    weights_bytes = payload[ends[2]:]
+    inputs, gradient, output, weights_bytes = sections(payload, header, "input", "gradient", "output")
     where = {"sample": sample, "attempt": attempt, "stage": stage, "direction": "backward"}
     digest = hashlib.sha256(output).hexdigest()
     if digest != header["output"] or digest != received_by_previous.get("output"):
         return Verdict(False, "audit_output_mismatch",
                        {**where, "why": "the gradient shown is not the one the previous stage received"})
-    weights = torch.frombuffer(bytearray(weights_bytes), dtype=torch.float32)
-    if (weights.numel() != sum(p.numel() for p in worker.params)
-            or weights_digest(weights) != header["weights"] or header["weights"] != received_by_previous.get("weights")):
+    weights = shown_weights(worker, weights_bytes, header["weights"])
+    if weights is None or header["weights"] != received_by_previous.get("weights"):
         return Verdict(False, "audit_weights_mismatch", {**where, "why": "the weights shown are not the ones vouched for"})
     if hashlib.sha256(inputs).hexdigest() != commits[stage - 1]["output"]:
         return Verdict(False, "audit_input_mismatch", {**where, "why": "the input shown is not the one received"})
