@@ -4,8 +4,8 @@ The all-reduce is CPU-bound on small machines (see bench/allreduce.py), and
 its parts travel as signed HTTP requests. This measures, in the same run, the
 CPU time (client + server, one event loop) and wall time to POST 1 MiB bodies:
 through iota.net's signed client and guard (btauth/1), through plain aiohttp,
-and as a length-less byte stream on a raw asyncio BufferedProtocol (the floor
-a bulk data plane could get near). Prints JSON lines; medians over repeats.
+as iota.net stream requests (btauth/1-signed, on persistent connections), and
+as a length-less byte stream on a raw asyncio BufferedProtocol (the floor). Prints JSON lines; medians over repeats.
 
     python bench/transport.py [--bodies 200] [--repeats 5] [--inflight 4]
 """
@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from iota.chain import LocalChain, dev_keypair
-from iota.net import SignedClient, request_body, route_policy, serve, signed_app
+from iota.net import SignedClient, StreamClient, StreamRequest, request_body, route_policy, serve, signed_app
 
 BODY_BYTES = 1 << 20
 
@@ -70,6 +70,35 @@ async def over_http(signed: bool, body: bytes, bodies: int, inflight: int) -> tu
                     await reply.read()
 
         return await timed(send, bodies, inflight)
+
+
+class Taker:
+    """A stream service that takes any body on any path."""
+
+    def limit(self, method: str, path: str) -> int:
+        return 2 * BODY_BYTES
+
+    def read_bound(self, nbytes: int) -> float:
+        return 60.0
+
+    async def handle(self, request: StreamRequest) -> bytes:
+        return b""
+
+
+async def over_signed_stream(body: bytes, bodies: int, inflight: int) -> tuple[float, float]:
+    sender, receiver = dev_keypair("iota-bench-transport-a"), dev_keypair("iota-bench-transport-b")
+    app = signed_app(receiver.ss58_address, LocalChain({sender.ss58_address: "miner"}))
+    async with serve(app, streams=Taker()) as url:
+        client = StreamClient(sender)
+
+        async def send() -> None:
+            await client.request("POST", url, "/part", receiver=receiver.ss58_address, timeout=60,
+                                 payload=body, max_response=0)
+
+        try:
+            return await timed(send, bodies, inflight)
+        finally:
+            client.close()
 
 
 class Sink(asyncio.BufferedProtocol):
@@ -123,6 +152,7 @@ def main() -> None:
         "stream": lambda: over_stream(body, args.bodies),
         "aiohttp": lambda: over_http(False, body, args.bodies, args.inflight),
         "signed_http": lambda: over_http(True, body, args.bodies, args.inflight),
+        "signed_stream": lambda: over_signed_stream(body, args.bodies, args.inflight),
     }
     results: dict[str, dict[str, float]] = {}
     for name, run in runs.items():

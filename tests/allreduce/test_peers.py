@@ -25,7 +25,7 @@ from iota.allreduce import (
 )
 from iota.chain import LocalChain, dev_keypair
 from iota.codec import Codec
-from iota.net import PeerError, SignedClient
+from iota.net import PeerError, SignedClient, StreamClient
 
 CONFIG = AllReduceConfig(part_bytes=16384, floor=1.0, min_throughput=1e6)
 KEYS = [dev_keypair(f"iota-allreduce-local-{i}") for i in range(4)]
@@ -106,19 +106,26 @@ def test_unregistered_and_foreign_requests_are_refused_and_change_nothing():
             frame = codec.encode(torch.full((plan.parts[0].end,), 1e6))
             refusals = {}
             fp = plan.fingerprint
+            for name, key, path in [
+                ("stranger", STRANGER, f"parts/0?fp={fp}&weight=1.0"),
+                ("outsider", OUTSIDER, f"parts/0?fp={fp}&weight=1.0"),
+                ("member with another plan", KEYS[1], f"parts/0?fp={'0' * 32}&weight=1.0"),
+                ("member without a weight", KEYS[1], f"parts/0?fp={fp}&weight=heavy"),
+                ("member on a route streams do not have", KEYS[1], f"have?fp={fp}"),
+            ]:
+                client = StreamClient(key)
+                with pytest.raises(PeerError) as caught:
+                    method = "POST" if path.startswith("parts") else "GET"
+                    await client.request(method, p0.address, f"/allreduce/guarded/{path}", receiver=p0.hotkey,
+                                         timeout=10, payload=frame if method == "POST" else b"", max_response=0)
+                refusals[name] = (caught.value.status, caught.value.kind)
             async with aiohttp.ClientSession() as session:
-                for name, key, path, body in [
-                    ("stranger", STRANGER, f"parts/0?fp={fp}&weight=1.0", frame),
-                    ("outsider", OUTSIDER, f"parts/0?fp={fp}&weight=1.0", frame),
-                    ("member with another plan", KEYS[1], f"parts/0?fp={'0' * 32}&weight=1.0", frame),
-                    ("member without a weight", KEYS[1], f"parts/0?fp={fp}&weight=heavy", frame),
-                    ("member with a garbled decision", KEYS[1], f"decision?fp={fp}", b"{not json"),
-                ]:
-                    with pytest.raises(PeerError) as caught:
-                        await SignedClient(key, session).post_bytes(
-                            p0.address, f"/allreduce/guarded/{path}", body, receiver=p0.hotkey, timeout=10
-                        )
-                    refusals[name] = (caught.value.status, caught.value.kind)
+                with pytest.raises(PeerError) as caught:
+                    await SignedClient(KEYS[1], session).post_bytes(
+                        p0.address, f"/allreduce/guarded/decision?fp={fp}", b"{not json", receiver=p0.hotkey,
+                        timeout=10
+                    )
+                refusals["member with a garbled decision"] = (caught.value.status, caught.value.kind)
             second = await p1.allreduce(group, x1, 1.0, codec)
             return refusals, await first, second, (x0 + x1) / 2
 
@@ -128,6 +135,7 @@ def test_unregistered_and_foreign_requests_are_refused_and_change_nothing():
         "outsider": (403, "NotMember"),
         "member with another plan": (409, "GroupMismatch"),
         "member without a weight": (400, "BadRequest"),
+        "member on a route streams do not have": (404, "NoRoute"),
         "member with a garbled decision": (400, "BadRequest"),
     }
     assert first.digest == second.digest

@@ -63,7 +63,7 @@ def check_round(swarm: Swarm, round_index: int, survivors: list[int]) -> dict:
     for i, line in results.items():
         assert line["ok"], f"peer {i}: {line.get('error')}"
     assert len({line["frames_sha256"] for line in results.values()}) == 1
-    assert len({line["mean_sha256"] for line in results.values()}) == 1
+    assert len({line["mean_xxh64"] for line in results.values()}) == 1
     reports = [line["report"] for line in results.values()]
     for key in ("contributors", "excluded", "decision", "fingerprint"):
         assert all(r[key] == reports[0][key] for r in reports), key

@@ -1,12 +1,15 @@
 """The CPU codec against the arithmetic contract: exact bytes, error bounds,
 unbiased stochastic rounding, every dtype, shape and option."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
 
 from iota import _C
 from iota.codec import Codec, CodecError, compression_ratio
+from iota.codec.tensors import huge_page_tensor
 from tests.codec import reference
 
 BITS = [8, 4, 2]
@@ -277,3 +280,16 @@ def test_tiny_fp32_scales_flush_to_zero_instead_of_overflowing():
     y = Codec.decode(codec.encode(x))
     assert torch.equal(y, torch.zeros(32))
     assert sections(codec.encode(x))[0][0] == 0
+
+
+@pytest.mark.parametrize("numel", [0, 1, 1000, 3 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_page_tensors_are_zeroed_writable_and_outlive_their_mapping_handle(numel, dtype):
+    tensor = huge_page_tensor(numel, dtype)
+    assert tensor.shape == (numel,) and tensor.dtype == dtype and not tensor.any()
+    gc.collect()  # only the tensor refers to the mapping now
+    tensor.fill_(2.0)
+    assert float(tensor.float().sum()) == 2.0 * numel
+    frame = Codec.from_string("fp16").encode(torch.arange(numel, dtype=torch.float32) % 7)
+    Codec.decode_into(frame, tensor)
+    assert torch.equal(tensor.float(), torch.arange(numel, dtype=torch.float32) % 7)

@@ -16,6 +16,7 @@ contributors, gather the reduced shards.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -34,8 +35,9 @@ from iota.allreduce.group import Part, RoundPlan
 from iota.allreduce.holder import HolderRound, Refusal, stochastic_seed
 from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
 from iota.codec import Codec
+from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
-from iota.net import NetError, PeerError, SignedClient
+from iota.net import NetError, PeerError, SignedClient, StreamClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,7 @@ class ButterflyRound:
         plan: RoundPlan,
         holder: HolderRound,
         client: SignedClient,
+        streams: StreamClient,
         config: AllReduceConfig,
         faults: Faults,
         vector: torch.Tensor,
@@ -70,6 +73,7 @@ class ButterflyRound:
         self.me = holder.me
         self.holder = holder
         self.client = client
+        self.streams = streams
         self.config = config
         self.faults = faults
         self.vector = vector
@@ -124,6 +128,18 @@ class ButterflyRound:
         self.traffic.received += len(reply.body)
         return reply.body
 
+    async def _stream(
+        self, holder: str, method: str, path: str, timeout: float, *, max_response: int,
+        payload: bytes = b"", digest: str | None = None,
+    ) -> bytearray:
+        self.traffic.sent += len(payload)
+        reply = await self.streams.request(
+            method, self.plan.group.address(holder), path, receiver=holder, timeout=timeout,
+            payload=payload, digest=digest, max_response=max_response,
+        )
+        self.traffic.received += len(reply)
+        return reply
+
     def _lost(self, holder: str, what: str, exc: Exception) -> None:
         if holder not in self.unreachable:
             log.warning("round %s: %s cannot %s %s: %s", self.plan.group.round_id, self.me, what, holder, exc)
@@ -144,28 +160,32 @@ class ButterflyRound:
         async def send(sent: int, part: Part) -> None:
             nonlocal delivered
             async with slots:
-                piece = self.vector[part.begin : part.end]
-                seed = stochastic_seed(self.plan, self.me, part.index)
-                frame = await asyncio.to_thread(self.plan.codec.encode, piece, seed=seed)
-                frame = self.faults.tamper(sent, frame)
-                await asyncio.gather(*(self._deliver(h, part, frame) for h in self.plan.holders(part.shard)))
+                frame, digest = await asyncio.to_thread(self._encode, sent, part)
+                await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in self.plan.holders(part.shard)))
             delivered += 1
             if delivered == len(order) // 2:
                 self.faults.reached("mid_send")
 
         await run_all(send(i, part) for i, part in enumerate(order))
 
-    async def _deliver(self, holder: str, part: Part, frame: bytes) -> None:
+    def _encode(self, sent: int, part: Part) -> tuple[bytes, str]:
+        """The frame of `part` to send and its sha256, which both holders' signatures cover."""
+        seed = stochastic_seed(self.plan, self.me, part.index)
+        frame = self.plan.codec.encode(self.vector[part.begin : part.end], seed=seed)
+        frame = self.faults.tamper(sent, frame)
+        return frame, hashlib.sha256(frame).hexdigest()
+
+    async def _deliver(self, holder: str, part: Part, frame: bytes, digest: str) -> None:
         if holder in self.unreachable or holder in self.closed_early:
             return
         try:
             if holder == self.me:
-                await self.holder.receive(self.me, part.index, self.weight, frame, remote=False)
+                await self.holder.receive(self.me, part.index, self.weight, frame, remote=False, digest=digest)
             else:
                 path = self._path(f"parts/{part.index}", weight=quote(repr(self.weight), safe=""))
                 # The part shares the uplink with up to 2 * max_inflight others.
                 timeout = self.config.wait_bound(2 * self.config.max_inflight * len(frame))
-                await self._call(holder, "POST", path, frame, timeout)
+                await self._stream(holder, "POST", path, timeout, max_response=0, payload=frame, digest=digest)
         except (Refusal, PeerError) as exc:
             if exc.kind == "Closed":
                 self.closed_early.add(holder)
@@ -229,9 +249,9 @@ class ButterflyRound:
 
     # -- 3. gather ---------------------------------------------------------------------
 
-    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[bytes]]:
-        mean = torch.empty(self.plan.numel, dtype=torch.float32)
-        frames: list[bytes] = [b""] * len(self.plan.parts)
+    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[bytes | bytearray]]:
+        mean = huge_page_tensor(self.plan.numel)
+        frames: list[bytes | bytearray] = [b""] * len(self.plan.parts)
         slots = asyncio.Semaphore(self.config.max_inflight)
 
         async def fetch(part: Part) -> None:
@@ -292,12 +312,13 @@ class ButterflyRound:
         holders = sorted(self.plan.holders(shard), key=lambda h: h != self.me)
         return sorted(holders, key=lambda h: h in self.unreachable)
 
-    async def _result(self, holder: str, part: Part, decision: Decision) -> bytes:
+    async def _result(self, holder: str, part: Part, decision: Decision) -> bytes | bytearray:
         if holder == self.me:
             return await self.holder.result(part.index, decision.key)
         # The holder may still be reducing: everything it holds, at the slowest rate we wait for.
         timeout = self.config.wait_bound(self.plan.shard_bytes(holder) * self.plan.size)
-        return await self._call(holder, "GET", self._path(f"results/{part.index}", decision=decision.key), b"", timeout)
+        path = self._path(f"results/{part.index}", decision=decision.key)
+        return await self._stream(holder, "GET", path, timeout, max_response=part.frame_bytes)
 
     async def announce_done(self) -> None:
         """Tell every other member we fetch nothing more, so they can stop serving early.

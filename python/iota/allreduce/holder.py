@@ -21,19 +21,14 @@ from iota.allreduce.decision import Decision, HaveSet
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
-from iota.errors import CodecError, IotaError
+from iota.errors import CodecError
+from iota.net import Refused
 
 log = logging.getLogger(__name__)
 
 
-class Refusal(IotaError):
-    """Why a holder will not take or serve something; sent as an HTTP error."""
-
-    def __init__(self, status: int, kind: str, detail: str) -> None:
-        super().__init__(f"{status} {kind}: {detail}")
-        self.status = status
-        self.kind = kind
-        self.detail = detail
+class Refusal(Refused):
+    """Why a holder will not take or serve something; the caller gets it as a PeerError."""
 
 
 @dataclass
@@ -56,8 +51,9 @@ def stochastic_seed(plan: RoundPlan, who: str, part: int) -> int | None:
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
 
-def check_frame(frame: bytes, part: Part, codec: Codec) -> str:
-    """Validate a received part (checksum, shape, codec) and return its digest."""
+def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str | None = None) -> str:
+    """Validate a received part (checksum, shape, codec) and return its sha256 (`digest`
+    when the transport has already checked the frame against it)."""
     header = Codec.header(frame)  # FrameError on a bad checksum or a truncated frame
     expected = codec.header_fields()
     got = {key: header[key] for key in ("kind", "bits", "block", "flags")}
@@ -68,10 +64,10 @@ def check_frame(frame: bytes, part: Part, codec: Codec) -> str:
             f"part {part.index} has shape {tuple(header['shape'])} (dtype code {header['dtype']}); "
             f"expected ({part.end - part.begin},) float32"
         )
-    return hashlib.sha256(frame).hexdigest()
+    return digest or hashlib.sha256(frame).hexdigest()
 
 
-def reduce_part(codec: Codec, inputs: list[tuple[bytes, float]], numel: int, seed: int | None,
+def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], numel: int, seed: int | None,
                 scratch: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec;
     and the inner products of the decoded inputs (their Gram matrix, as float64).
@@ -101,7 +97,7 @@ class HolderRound:
         self.parts = plan.held_parts(me)
         self.held = frozenset(self.parts)
         self.traffic = Traffic()
-        self.frames: dict[int, dict[str, bytes]] = {p: {} for p in self.parts}
+        self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
         self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
         self.weights: dict[str, float] = {}
         self.bad: dict[str, str] = {}
@@ -117,14 +113,18 @@ class HolderRound:
         self._closed = asyncio.Event()
         self._decided = asyncio.Event()
         self._ready = {p: asyncio.Event() for p in self.parts}
+        self._reducing: set[int] = set()
         self._done: set[str] = set()
         self._all_done = asyncio.Event()
         self._tasks = [asyncio.get_running_loop().create_task(self._close_when_due())]
 
     # -- receiving ---------------------------------------------------------
 
-    async def receive(self, sender: str, part: int, weight: float, frame: bytes, *, remote: bool) -> None:
-        """Keep `sender`'s frame of `part`; a bad one excludes the sender from the round."""
+    async def receive(
+        self, sender: str, part: int, weight: float, frame: bytes | bytearray, *, remote: bool, digest: str | None = None
+    ) -> None:
+        """Keep `sender`'s frame of `part`; a bad one excludes the sender from the round.
+        `digest` is the frame's sha256 if the caller computed it."""
         if self.have is not None:
             raise Refusal(409, "Closed", f"{self.me} closed round {self.plan.group.round_id} already")
         if sender in self.bad:
@@ -138,7 +138,7 @@ class HolderRound:
         if sender in self.bad:
             raise Refusal(400, "BadPart", self.bad[sender])
         try:
-            digest = await asyncio.to_thread(check_frame, frame, self.plan.parts[part], self.plan.codec)
+            digest = await asyncio.to_thread(check_frame, frame, self.plan.parts[part], self.plan.codec, digest)
             problem = None
         except CodecError as exc:  # FrameError included
             digest, problem = "", f"part {part}: {exc}"
@@ -220,47 +220,52 @@ class HolderRound:
             self.decision = proposal
             self._decided.set()
             self.faults.reached("after_decision")
-            self._tasks.append(asyncio.get_running_loop().create_task(self._reduce()))
+            for shard in self.shards:
+                if self.plan.members[shard] == self.me:
+                    self._start_reducing(shard)
         return self.decision
 
-    async def _reduce(self) -> None:
-        """Reduce every held part under the decision, the owned shard first (everyone
-        fetches it); each part can be served as soon as it is done."""
+    def _start_reducing(self, shard: int) -> None:
+        """Reduce `shard` under the decision, once. The owner starts on its shard as soon as
+        the decision is in (everyone fetches it); a backup only when someone asks it for
+        the shard (the owner did not serve them), so in a healthy round no backup reduces."""
+        if shard not in self._reducing:
+            self._reducing.add(shard)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._reduce(shard)))
+
+    async def _reduce(self, shard: int) -> None:
+        """Reduce every part of `shard`; each part can be served as soon as it is done."""
         assert self.decision is not None and self.have is not None
+        parts = self.plan.shard_parts[shard]
         order = sorted(self.decision.contributors)
         total = math.fsum(self.decision.contributors[s] for s in order)
-        owned_first = sorted(self.shards, key=lambda s: self.plan.members[s] != self.me)
-        largest = max((self.plan.parts[p].end - self.plan.parts[p].begin for p in self.parts), default=0)
-        scratch = torch.empty((len(order) + 1) * largest, dtype=torch.float32)
         try:
-            for shard in owned_first:
-                missing = [
-                    sender
-                    for sender in order
-                    if self.have.shards[shard].get(sender) != self.decision.digests[shard].get(sender)
-                ]
-                if missing:
-                    # The other holder has them; this one must not serve a different mean.
-                    self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
-                    continue
-                for p in self.plan.shard_parts[shard]:
-                    inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
-                    part = self.plan.parts[p]
-                    seed = stochastic_seed(self.plan, "mean", p)
-                    self.results[p], gram = await asyncio.to_thread(
-                        reduce_part, self.plan.codec, inputs, part.end - part.begin, seed, scratch
-                    )
-                    self.grams[shard] = self.grams.get(shard, 0) + gram
-                    del self.frames[p]  # the inputs are no longer needed
-                    self._ready[p].set()
+            missing = [
+                sender for sender in order if self.have.shards[shard].get(sender) != self.decision.digests[shard].get(sender)
+            ]
+            if missing:
+                # The other holder has them; this one must not serve a different mean.
+                self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
+                return
+            largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
+            scratch = torch.empty((len(order) + 1) * largest, dtype=torch.float32)
+            for p in parts:
+                inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
+                part = self.plan.parts[p]
+                seed = stochastic_seed(self.plan, "mean", p)
+                self.results[p], gram = await asyncio.to_thread(
+                    reduce_part, self.plan.codec, inputs, part.end - part.begin, seed, scratch
+                )
+                self.grams[shard] = self.grams.get(shard, 0) + gram
+                del self.frames[p]  # the inputs are no longer needed
+                self._ready[p].set()
         except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
-            log.error("round %s: %s cannot reduce: %s", self.plan.group.round_id, self.me, exc)
-            for shard in self.shards:
-                self.unservable.setdefault(shard, f"{self.me} failed to reduce: {exc}")
+            log.error("round %s: %s cannot reduce shard %d: %s", self.plan.group.round_id, self.me, shard, exc)
+            self.unservable.setdefault(shard, f"{self.me} failed to reduce: {exc}")
         finally:
-            self.frames.clear()
-            for ready in self._ready.values():
-                ready.set()
+            for p in parts:
+                self.frames.pop(p, None)
+                self._ready[p].set()
 
     async def result(self, part: int, key: str) -> bytes:
         """The mean of `part` under the decision `key` (the caller's)."""
@@ -282,12 +287,11 @@ class HolderRound:
     async def _reduced(self, parts: list[int], key: str) -> None:
         """Wait until `parts` are reduced under the decision `key`; Refusal if they cannot be."""
         bound = self.config.wait_bound(self.plan.shard_bytes(self.me) * self.plan.size)
+        not_ready = Refusal(409, "NotReady", f"{self.me} has no decision or mean for parts {parts} yet")
         try:
             await asyncio.wait_for(self._decided.wait(), bound)
-            for part in parts:
-                await asyncio.wait_for(self._ready[part].wait(), bound)
         except asyncio.TimeoutError:
-            raise Refusal(409, "NotReady", f"{self.me} has no decision or mean for parts {parts} yet") from None
+            raise not_ready from None
         assert self.decision is not None
         if self.decision.key != key:
             raise Refusal(
@@ -296,6 +300,12 @@ class HolderRound:
                 f"{self.me} recorded decision {self.decision.key}, not {key}: the round split and cannot complete",
             )
         shard = self.plan.parts[parts[0]].shard
+        self._start_reducing(shard)
+        try:
+            for part in parts:
+                await asyncio.wait_for(self._ready[part].wait(), bound)
+        except asyncio.TimeoutError:
+            raise not_ready from None
         if shard in self.unservable:
             raise Refusal(409, "Incomplete", self.unservable[shard])
 
@@ -321,3 +331,4 @@ class HolderRound:
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.frames.clear()  # a backup nobody asked still holds every frame of its shard

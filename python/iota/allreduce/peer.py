@@ -25,10 +25,10 @@ from iota.allreduce.faults import Faults
 from iota.allreduce.group import Group, RoundPlan
 from iota.allreduce.holder import HolderRound, Traffic
 from iota.allreduce.result import AllReduceResult
-from iota.allreduce.server import Rounds, holder_app
+from iota.allreduce.server import HolderStreams, Rounds, holder_app
 from iota.chain import Chain
 from iota.codec import Codec
-from iota.net import GuardConfig, SignedClient, serve
+from iota.net import GuardConfig, SignedClient, StreamClient, serve
 
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
@@ -57,6 +57,7 @@ class AllReducePeer:
         self.faults = faults or Faults()
         self.address: str | None = None
         self._client: SignedClient | None = None
+        self._streams: StreamClient | None = None
         self._rounds: Rounds | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         # Two integers per round for the peer's lifetime; they keep growing
@@ -67,20 +68,23 @@ class AllReducePeer:
     async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[AllReducePeer]:
         """Serve on host:port (0: any free port; see `address`) until the block exits."""
         self._rounds = Rounds(self.config)
-        app = holder_app(self.hotkey, self.chain, self._rounds, self.config, self.guard)
+        app = holder_app(self.hotkey, self.chain, self._rounds, self.guard)
+        streams = HolderStreams(self._rounds)
         async with (
-            serve(app, host, port, shutdown_timeout=self.config.floor) as url,
+            serve(app, host, port, shutdown_timeout=self.config.floor, streams=streams) as url,
             aiohttp.ClientSession() as session,
         ):
             self.address = url
             self._client = SignedClient(self.signer, session, chunk_size=self.guard.chunk_size)
+            self._streams = StreamClient(self.signer)
             try:
                 yield self
             finally:
                 for task in self._retiring:
                     task.cancel()
                 await asyncio.gather(*self._retiring, return_exceptions=True)
-                self._client = None
+                self._streams.close()
+                self._client = self._streams = None
                 self.address = None
 
     async def allreduce(self, group: Group, vector: torch.Tensor, weight: float, codec: Codec) -> AllReduceResult:
@@ -91,7 +95,7 @@ class AllReducePeer:
         with a report, if the round cannot complete consistently.
         """
         started = time.monotonic()
-        if self._client is None or self._rounds is None:
+        if self._client is None or self._streams is None or self._rounds is None:
             raise GroupError("AllReducePeer.allreduce runs inside `async with peer.serving(...)`")
         if self.hotkey not in group.hotkeys:
             raise GroupError(f"{self.hotkey} is not a member of round {group.round_id}")
@@ -115,7 +119,7 @@ class AllReducePeer:
             holder.stop()
             raise
         self._traffic[group.round_id] = holder.traffic
-        runner = ButterflyRound(plan, holder, self._client, self.config, self.faults, vector, float(weight))
+        runner = ButterflyRound(plan, holder, self._client, self._streams, self.config, self.faults, vector, float(weight))
         try:
             return await runner.run(started)
         finally:

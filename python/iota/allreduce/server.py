@@ -1,9 +1,14 @@
-"""The holder routes every peer serves, on a signed app (btauth/1, registered hotkeys only).
+"""The holder routes every peer serves, signed (btauth/1, registered hotkeys only).
+
+On streams (iota.net.stream: the bulk bytes, on persistent connections):
 
     POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
+    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
+
+Over HTTP, on the same port (small JSON documents):
+
     GET  /allreduce/{round}/have?fp=                   the closed have-set (waits for the close)
     POST /allreduce/{round}/decision?fp=               write-once contributor decision (JSON)
-    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
     GET  /allreduce/{round}/grams/{shard}?fp=&decision=    inner products of the shard's contributions (JSON)
     POST /allreduce/{round}/done?fp=                   the sender fetches nothing more (holders may let go)
 
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 
@@ -28,9 +35,11 @@ from iota.allreduce.errors import GroupError
 from iota.allreduce.holder import HolderRound, Refusal
 from iota.chain import Chain
 from iota.codec import Codec
-from iota.net import GuardConfig, bytes_response, json_error, request_body, request_sender, route_policy, signed_app
+from iota.net import GuardConfig, StreamRequest, json_error, request_body, request_sender, route_policy, signed_app
 
 MAX_BLOCK = 4096  # the largest quantization block a codec accepts
+_STREAM_ROUTES = {"POST": "parts", "GET": "results"}
+_STREAM_PATH = re.compile(r"/allreduce/(?P<round>[^/]+)/(?P<what>parts|results)/(?P<part>[^/]+)")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
@@ -82,14 +91,55 @@ class Rounds:
         return holder
 
 
-def holder_app(
-    hotkey: str, chain: Chain, rounds: Rounds, config: AllReduceConfig, guard: GuardConfig | None = None
-) -> web.Application:
-    """The signed aiohttp app serving this peer's holder role in every open round."""
-    guard = guard or GuardConfig()
-    # A part is about part_bytes, or one block when that is larger (blocks
-    # hold at most MAX_BLOCK values, and raw fp32 is the widest encoding).
-    largest_part = config.part_bytes + Codec(kind="raw").frame_size((MAX_BLOCK,))
+def parameter(path: str, values: Mapping[str, str], name: str, kind: Callable[[str], T]) -> T:
+    """`values[name]` as a `kind`; Refusal(400) if it is missing or malformed."""
+    raw = values.get(name)
+    try:
+        return kind(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise Refusal(400, "BadRequest", f"{path}: {name}={raw!r} is missing or not a {kind.__name__}") from None
+
+
+class HolderStreams:
+    """The holder's stream routes (parts in, means out) for every open round."""
+
+    def __init__(self, rounds: Rounds) -> None:
+        self.rounds = rounds
+        self.config = rounds.config
+        # A part is about part_bytes, or one block when that is larger (blocks
+        # hold at most MAX_BLOCK values, and raw fp32 is the widest encoding).
+        self.largest_part = self.config.part_bytes + Codec(kind="raw").frame_size((MAX_BLOCK,))
+
+    def limit(self, method: str, path: str) -> int:
+        route = _STREAM_PATH.fullmatch(urlsplit(path).path)
+        if route is None or _STREAM_ROUTES.get(method) != route["what"]:
+            raise Refusal(404, "NoRoute", f"no stream route {method} {urlsplit(path).path}")
+        return self.largest_part if method == "POST" else 0
+
+    def read_bound(self, nbytes: int) -> float:
+        return self.config.wait_bound(nbytes)
+
+    async def handle(self, request: StreamRequest) -> bytes:
+        split = urlsplit(request.path)
+        route = _STREAM_PATH.fullmatch(split.path)
+        assert route is not None  # limit() let it through
+        values = {**dict(parse_qsl(split.query)), **route.groupdict()}
+        holder = await self.rounds.lookup(route["round"], values.get("fp", ""), request.sender.hotkey)
+        holder.traffic.received += len(request.payload)
+        part = parameter(split.path, values, "part", int)
+        if route["what"] == "parts":
+            weight = parameter(split.path, values, "weight", float)
+            await holder.receive(request.sender.hotkey, part, weight, request.payload, remote=True,
+                                 digest=request.digest)
+            return b""
+        data = await holder.result(part, parameter(split.path, values, "decision", str))
+        holder.traffic.sent += len(data)
+        return data
+
+
+def holder_app(hotkey: str, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:
+    """The signed aiohttp app serving this peer's holder role in every open round
+    (serve it with `streams=HolderStreams(rounds)` for the parts and means)."""
 
     def answer(
         handler: Callable[[web.Request, HolderRound, str], Awaitable[web.StreamResponse]], *, wait: bool = True
@@ -107,24 +157,12 @@ def holder_app(
         return wrapped
 
     def param(request: web.Request, name: str, kind: Callable[[str], T]) -> T:
-        raw = request.match_info.get(name, request.query.get(name))
-        try:
-            return kind(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            detail = f"{request.path}: {name}={raw!r} is missing or not a {kind.__name__}"
-            raise Refusal(400, "BadRequest", detail) from None
+        return parameter(request.path, {**request.query, **request.match_info}, name, kind)
 
     def reply_json(holder: HolderRound, payload: object) -> web.Response:
         body = json.dumps(payload).encode()
         holder.traffic.sent += len(body)
         return web.Response(body=body, content_type="application/json")
-
-    @route_policy(max_body=largest_part)
-    @answer
-    async def post_part(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
-        part, weight = param(request, "part", int), param(request, "weight", float)
-        await holder.receive(sender, part, weight, request_body(request), remote=True)
-        return web.Response(status=204)
 
     @route_policy(max_body=0)
     @answer
@@ -142,13 +180,6 @@ def holder_app(
 
     @route_policy(max_body=0)
     @answer
-    async def get_result(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
-        data = await holder.result(param(request, "part", int), param(request, "decision", str))
-        holder.traffic.sent += len(data)
-        return await bytes_response(request, data, chunk_size=guard.chunk_size)
-
-    @route_policy(max_body=0)
-    @answer
     async def get_gram(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
         return reply_json(holder, await holder.gram(param(request, "shard", int), param(request, "decision", str)))
 
@@ -160,10 +191,8 @@ def holder_app(
     post_done = route_policy(max_body=0)(answer(done, wait=False))
 
     app = signed_app(hotkey, chain, guard)
-    app.router.add_post("/allreduce/{round}/parts/{part}", post_part)
     app.router.add_get("/allreduce/{round}/have", get_have)
     app.router.add_post("/allreduce/{round}/decision", post_decision)
-    app.router.add_get("/allreduce/{round}/results/{part}", get_result)
     app.router.add_get("/allreduce/{round}/grams/{shard}", get_gram)
     app.router.add_post("/allreduce/{round}/done", post_done)
     return app

@@ -5,6 +5,8 @@ zero-copy numpy view of its bytes (bfloat16 has no numpy dtype, bytes do)."""
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -54,3 +56,15 @@ def frame_view(frame) -> memoryview:
         return memoryview(frame).cast("B")
     except TypeError:
         raise FrameError(f"a frame must be bytes-like, got {type(frame).__name__}") from None
+
+
+def huge_page_tensor(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zero-filled CPU tensor in its own anonymous mapping, advised to use transparent
+    huge pages where the OS has them: first writes to a fresh multi-MB tensor otherwise
+    cost more in page faults than decoding into it (0.22 vs 0.08 s for 256 MB here)."""
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    pages = mmap.mmap(-1, numel * dtype.itemsize)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only; elsewhere plain pages
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(pages, dtype=dtype, count=numel)

@@ -1,7 +1,8 @@
-"""Signed HTTP transport: every request carries the sender's hotkey signature (btauth/1)."""
+"""Signed transport: every request carries the sender's hotkey signature (btauth/1),
+over HTTP or, for bulk bytes, over persistent stream connections on the same port."""
 
 from iota.net.client import DEFAULT_MAX_RESPONSE, Reply, SignedClient
-from iota.net.errors import BodyTooLarge, NetError, PeerError
+from iota.net.errors import BodyTooLarge, NetError, PeerError, Refused
 from iota.net.guard import (
     GuardConfig,
     JsonHTTPError,
@@ -14,6 +15,7 @@ from iota.net.guard import (
 )
 from iota.net.replay import ReplayCache
 from iota.net.server import bytes_response, serve, signed_app
+from iota.net.stream import StreamClient, StreamRequest, StreamService
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE",
@@ -23,10 +25,14 @@ __all__ = [
     "NetError",
     "PeerError",
     "ReplayCache",
+    "Refused",
     "Reply",
     "RequestGuard",
     "RoutePolicy",
     "SignedClient",
+    "StreamClient",
+    "StreamRequest",
+    "StreamService",
     "bytes_response",
     "json_error",
     "request_body",

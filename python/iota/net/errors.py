@@ -26,3 +26,14 @@ class PeerError(NetError):
         self.kind = kind
         self.detail = detail
         self.url = url
+
+
+class Refused(IotaError):
+    """A server's reasoned refusal of a request, sent to the caller as status, kind and detail
+    (over HTTP as iota's JSON error body; the caller sees a PeerError)."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(f"{status} {kind}: {detail}")
+        self.status = status
+        self.kind = kind
+        self.detail = detail

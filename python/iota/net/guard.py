@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,7 +27,7 @@ from bittensor import http_auth
 
 from iota.chain.base import ROLES, Chain, Neuron, Role
 from iota.net.body import check_part_size, read_bounded
-from iota.net.errors import BodyTooLarge, NetError
+from iota.net.errors import BodyTooLarge, NetError, Refused
 from iota.net.replay import ReplayCache
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,6 +36,7 @@ H = TypeVar("H", bound=Handler)
 _POLICY_ATTR = "__iota_route_policy__"
 _SENDER = web.RequestKey("iota_sender", Neuron)
 _BODY = web.RequestKey("iota_body", bytes)
+SMALL_BODY = 64 << 10  # verified on the loop; larger bodies are hashed in a thread
 
 
 @dataclass(frozen=True)
@@ -152,35 +153,48 @@ class RequestGuard:
             return await handler(request)
 
         try:
-            # Hashing a multi-MB body would stall every connection on the loop.
-            caller = await asyncio.to_thread(
-                http_auth.verify,
-                request.headers,
-                body,
-                method=request.method,
-                path=request.raw_path,
-                self_hotkey_ss58=self.hotkey,
-                max_age=self.config.max_age,
-                allowed_skew=self.config.allowed_skew,
-                nonce_store=self.replay,
+            sender = await self.authenticate(
+                request.headers, body, method=request.method, path=request.raw_path, roles=policy.roles
             )
-        except http_auth.AuthError as exc:
-            # AuthError messages never echo secrets, so they are safe to return.
-            return json_error(401, type(exc).__name__, str(exc))
-
-        sender = await self.chain.neuron(caller.hotkey_ss58)
-        if sender is None:
-            return json_error(
-                403, "NotRegistered", f"hotkey {caller.hotkey_ss58} is not registered on this chain"
-            )
-        if sender.role not in policy.roles:
-            allowed = ", ".join(sorted(policy.roles))
-            return json_error(
-                403, "WrongRole", f"{request.path} accepts {allowed}, and {sender.hotkey} is a {sender.role}"
-            )
+        except Refused as refusal:
+            return json_error(refusal.status, refusal.kind, refusal.detail)
         request[_SENDER] = sender
         request[_BODY] = body
         return await handler(request)
+
+    async def authenticate(
+        self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, roles: frozenset[Role]
+    ) -> Neuron:
+        """The registered sender whose btauth/1 signature over (method, path, body) is valid,
+        fresh, unreplayed and addressed to us, if its role is one of `roles`; else Refused
+        (401 for the signature, 403 for the chain)."""
+        try:
+            if len(body) > SMALL_BODY:  # hashing a multi-MB body would stall every connection on the loop
+                caller = await asyncio.to_thread(self._verify, headers, body, method, path)
+            else:
+                caller = self._verify(headers, body, method, path)
+        except http_auth.AuthError as exc:
+            # AuthError messages never echo secrets, so they are safe to return.
+            raise Refused(401, type(exc).__name__, str(exc)) from None
+        sender = await self.chain.neuron(caller.hotkey_ss58)
+        if sender is None:
+            raise Refused(403, "NotRegistered", f"hotkey {caller.hotkey_ss58} is not registered on this chain")
+        if sender.role not in roles:
+            allowed = ", ".join(sorted(roles))
+            raise Refused(403, "WrongRole", f"{path} accepts {allowed}, and {sender.hotkey} is a {sender.role}")
+        return sender
+
+    def _verify(self, headers: Mapping[str, str], body: bytes, method: str, path: str) -> http_auth.Caller:
+        return http_auth.verify(
+            headers,
+            body,
+            method=method,
+            path=path,
+            self_hotkey_ss58=self.hotkey,
+            max_age=self.config.max_age,
+            allowed_skew=self.config.allowed_skew,
+            nonce_store=self.replay,
+        )
 
 
 def _too_large(limit: int) -> web.Response:

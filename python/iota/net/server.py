@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -10,6 +11,9 @@ from aiohttp import web
 from iota.chain.base import Chain
 from iota.net.body import check_part_size
 from iota.net.guard import GuardConfig, RequestGuard
+from iota.net.stream import MAGIC, Connection, StreamService, serve_connection
+
+APP_GUARD = web.AppKey("iota_guard", RequestGuard)
 
 
 def signed_app(hotkey: str, chain: Chain, config: GuardConfig | None = None) -> web.Application:
@@ -17,7 +21,9 @@ def signed_app(hotkey: str, chain: Chain, config: GuardConfig | None = None) -> 
     guard = RequestGuard(hotkey, chain, config)
     # The guard reads bodies itself under its own limit; aiohttp's limit only
     # applies to request.read()/post(), which guarded handlers never call.
-    return web.Application(middlewares=[guard.middleware])
+    app = web.Application(middlewares=[guard.middleware])
+    app[APP_GUARD] = guard  # streams served beside the app share its replay cache
+    return app
 
 
 async def bytes_response(
@@ -46,7 +52,12 @@ async def bytes_response(
 
 @asynccontextmanager
 async def serve(
-    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 60.0
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_timeout: float = 60.0,
+    streams: StreamService | None = None,
 ) -> AsyncIterator[str]:
     """Serve `app` on host:port (0 picks a free port) and yield its base URL; stop on exit.
 
@@ -54,14 +65,72 @@ async def serve(
     before they are cancelled. That includes connections aiohttp is still
     draining after a refusal (it reads and discards a refused body for up
     to 10 s so the peer can read the error instead of a reset).
+
+    With `streams`, the same port also answers stream requests (iota.net.stream)
+    for that service, verified by the guard of `app` (a `signed_app`).
     """
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        netloc = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{netloc}:{bound_port}"
+        if streams is None:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            yield _base_url(*runner.addresses[0][:2])
+        else:
+            async with _serve_both(runner, app[APP_GUARD], streams, host, port) as url:
+                yield url
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def _serve_both(
+    runner: web.AppRunner, guard: RequestGuard, service: StreamService, host: str, port: int
+) -> AsyncIterator[str]:
+    tasks: set[asyncio.Task[None]] = set()
+
+    def start_stream(conn: Connection) -> None:
+        task = asyncio.get_running_loop().create_task(serve_connection(conn, guard, service))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    http = runner.server
+    assert http is not None  # set up by runner.setup()
+    server = await asyncio.get_running_loop().create_server(lambda: _Sniffer(http, start_stream), host, port)
+    try:
+        yield _base_url(*server.sockets[0].getsockname()[:2])
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Sniffer(asyncio.Protocol):
+    """Hands a new connection to a stream Connection or to aiohttp, by its first byte."""
+
+    def __init__(self, http: Callable[[], asyncio.BaseProtocol], start_stream: Callable[[Connection], None]) -> None:
+        self.http = http
+        self.start_stream = start_stream
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if data[:1] == MAGIC[:1]:  # no HTTP request starts with this byte
+            stream = Connection(data)
+            self.transport.set_protocol(stream)
+            stream.connection_made(self.transport)
+            self.start_stream(stream)
+        else:
+            http = self.http()
+            self.transport.set_protocol(http)
+            http.connection_made(self.transport)
+            http.data_received(data)  # type: ignore[attr-defined]
+
+
+def _base_url(host: str, port: int) -> str:
+    netloc = f"[{host}]" if ":" in host else host
+    return f"http://{netloc}:{port}"

@@ -1,0 +1,251 @@
+"""Stream requests on a real server on 127.0.0.1: the same port as HTTP, real
+btauth/1 signatures, and raw sockets for what an honest client never sends."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp import web
+from bittensor import http_auth
+
+from iota.chain import LocalChain
+from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
+from iota.net.stream import HEADER, MAGIC
+
+LIMIT = 4 << 20
+TIMEOUT = 30.0
+
+
+class Echo:
+    """Answers POST /echo with the payload reversed, POST /refuse with a refusal."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int, str]] = []  # (role, path, payload size, digest)
+
+    def limit(self, method: str, path: str) -> int:
+        if path.split("?")[0] not in ("/echo", "/refuse"):
+            raise Refused(404, "NoRoute", f"no stream route {method} {path}")
+        return LIMIT
+
+    idle = 5.0  # seconds the server keeps a connection with no request
+
+    def read_bound(self, nbytes: int) -> float:
+        return self.idle + nbytes / 1e6
+
+    async def handle(self, request: StreamRequest) -> bytes:
+        self.seen.append((request.sender.role, request.path, len(request.payload), request.digest))
+        if request.path == "/refuse":
+            raise Refused(409, "Closed", "this round closed already")
+        return bytes(request.payload[::-1])
+
+
+@asynccontextmanager
+async def serving(keys: SimpleNamespace, chain: LocalChain, idle: float = 5.0) -> AsyncIterator[tuple[str, Echo]]:
+    app = signed_app(keys.server.ss58_address, chain)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"hello": True})
+
+    app.router.add_get("/hello", hello)
+    echo = Echo()
+    echo.idle = idle
+    async with serve(app, shutdown_timeout=0.5, streams=echo) as url:
+        yield url, echo
+
+
+def run(
+    keys: SimpleNamespace, chain: LocalChain, body: Callable[[str, Echo], Awaitable[None]], idle: float = 5.0
+) -> None:
+    async def main() -> None:
+        async with serving(keys, chain, idle) as (url, echo):
+            await asyncio.wait_for(body(url, echo), TIMEOUT)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("size", [0, 1, 65536, 3 << 20])
+def test_payload_round_trips_exactly_and_the_port_still_serves_http(keys, chain, size):
+    payload = os.urandom(size)
+
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.miner)
+        try:
+            for _ in range(3):  # the second and third reuse the connection
+                answer = await client.request(
+                    "POST", url, "/echo?x=1", receiver=keys.server.ss58_address, timeout=TIMEOUT,
+                    payload=payload, max_response=LIMIT,
+                )
+                assert bytes(answer) == payload[::-1]
+            assert len(client._idle[("127.0.0.1", int(url.rsplit(":", 1)[1]))]) == 1
+        finally:
+            client.close()
+        assert echo.seen == [("miner", "/echo?x=1", size, hashlib.sha256(payload).hexdigest())] * 3
+        async with aiohttp.ClientSession() as session:
+            signed = SignedClient(keys.miner, session)
+            assert (await signed.get_json(url, "/hello", receiver=keys.server.ss58_address, timeout=TIMEOUT)) == {
+                "hello": True
+            }
+
+    run(keys, chain, body)
+
+
+def test_concurrent_requests_use_their_own_connections(keys, chain):
+    payloads = [os.urandom(100_000 + i) for i in range(8)]
+
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.validator)
+        try:
+            answers = await asyncio.gather(*(
+                client.request("POST", url, "/echo", receiver=keys.server.ss58_address, timeout=TIMEOUT,
+                               payload=p, max_response=LIMIT)
+                for p in payloads
+            ))
+        finally:
+            client.close()
+        assert [bytes(a) for a in answers] == [p[::-1] for p in payloads]
+
+    run(keys, chain, body)
+
+
+def test_refusals_reach_the_caller(keys, chain):
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.miner)
+        try:
+            with pytest.raises(PeerError) as refused:
+                await client.request("POST", url, "/refuse", receiver=keys.server.ss58_address,
+                                     timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
+            assert (refused.value.status, refused.value.kind) == (409, "Closed")
+            with pytest.raises(PeerError) as missing:
+                await client.request("GET", url, "/nowhere", receiver=keys.server.ss58_address,
+                                     timeout=TIMEOUT, max_response=LIMIT)
+            assert (missing.value.status, missing.value.kind) == (404, "NoRoute")
+            with pytest.raises(PeerError) as large:
+                await client.request("POST", url, "/echo", receiver=keys.server.ss58_address,
+                                     timeout=TIMEOUT, payload=bytes(LIMIT + 1), max_response=LIMIT)
+            assert (large.value.status, large.value.kind) == (413, "BodyTooLarge")
+            stranger = StreamClient(keys.stranger)
+            with pytest.raises(PeerError) as unknown:
+                await stranger.request("POST", url, "/echo", receiver=keys.server.ss58_address,
+                                       timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
+            assert (unknown.value.status, unknown.value.kind) == (403, "NotRegistered")
+            with pytest.raises(PeerError) as misaddressed:
+                await client.request("POST", url, "/echo", receiver=keys.validator.ss58_address,
+                                     timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
+            assert (misaddressed.value.status, misaddressed.value.kind) == (401, "WrongReceiver")
+            # The client still works after refusals (they closed their connections).
+            assert bytes(await client.request("POST", url, "/echo", receiver=keys.server.ss58_address,
+                                              timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)) == b"cba"
+        finally:
+            client.close()
+        assert [path for _, path, _, _ in echo.seen] == ["/refuse", "/echo"]  # refused ones never reached it
+
+    run(keys, chain, body)
+
+
+def test_a_connection_the_server_let_go_of_is_replaced(keys, chain):
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.miner)
+        try:
+            ask = lambda: client.request("POST", url, "/echo", receiver=keys.server.ss58_address,  # noqa: E731
+                                         timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
+            assert bytes(await ask()) == b"cba"
+            (kept,) = [conn for conns in client._idle.values() for conn in conns]
+            await asyncio.sleep(0.6)  # past the server's idle bound: it closed the connection
+            assert bytes(await ask()) == b"cba"
+            (replacement,) = [conn for conns in client._idle.values() for conn in conns]
+            assert replacement is not kept and kept.transport is None
+        finally:
+            client.close()
+        assert len(echo.seen) == 2
+
+    run(keys, chain, body, idle=0.3)
+
+
+def _raw_request(meta: dict, payload: bytes) -> bytes:
+    encoded = json.dumps(meta).encode()
+    return MAGIC + HEADER.pack(len(encoded), len(payload)) + encoded + payload
+
+
+async def _raw_exchange(url: str, data: bytes) -> dict:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        meta_len, payload_len = HEADER.unpack(await reader.readexactly(HEADER.size))
+        meta = json.loads(await reader.readexactly(meta_len))
+        await reader.readexactly(payload_len)
+        return meta
+    finally:
+        writer.close()
+
+
+def test_tampered_unsigned_and_replayed_requests_are_refused(keys, chain):
+    payload = b"the frame"
+    digest = hashlib.sha256(payload).hexdigest()
+
+    async def body(url: str, echo: Echo) -> None:
+        headers = http_auth.sign(keys.miner, method="POST", path="/echo", body=bytes.fromhex(digest),
+                                 receiver_ss58=keys.server.ss58_address)
+        meta = {"method": "POST", "path": "/echo", "headers": headers, "digest": digest}
+        # The payload changed in transit: the signature still verifies, the digest does not.
+        tampered = await _raw_exchange(url, _raw_request(meta, b"the frime"))
+        assert (tampered["status"], tampered["error"]) == (400, "DigestMismatch")
+        # The same signed request again: its nonce was taken by the first.
+        replayed = await _raw_exchange(url, _raw_request(meta, payload))
+        assert (replayed["status"], replayed["error"]) == (401, "ReplayedRequest")
+        unsigned = await _raw_exchange(url, _raw_request({**meta, "headers": {}}, payload))
+        assert unsigned["status"] == 401
+        other_path = http_auth.sign(keys.miner, method="POST", path="/refuse", body=bytes.fromhex(digest),
+                                    receiver_ss58=keys.server.ss58_address)
+        moved = await _raw_exchange(url, _raw_request({**meta, "headers": other_path}, payload))
+        assert (moved["status"], moved["error"]) == (401, "BadSignature")
+        garbage = await _raw_exchange(url, MAGIC + HEADER.pack(5, 0) + b"nope!")
+        assert (garbage["status"], garbage["error"]) == (400, "BadMessage")
+        assert echo.seen == []
+
+    run(keys, chain, body)
+
+
+def test_a_dead_server_is_a_net_error(keys, chain):
+    async def body() -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        client = StreamClient(keys.miner)
+        with pytest.raises(NetError):
+            await client.request("POST", f"http://127.0.0.1:{port}", "/echo", receiver=keys.server.ss58_address,
+                                 timeout=5, payload=b"x", max_response=LIMIT)
+
+    asyncio.run(body())
+
+
+def test_a_server_that_never_answers_times_out(keys, chain):
+    async def body() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # takes everything, answers nothing
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = StreamClient(keys.miner)
+        try:
+            with pytest.raises(NetError, match="timed out"):
+                await client.request("POST", f"http://127.0.0.1:{port}", "/echo",
+                                     receiver=keys.server.ss58_address, timeout=0.5, payload=b"x",
+                                     max_response=LIMIT)
+            assert client._idle == {}  # the broken connection is not kept
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(body())
