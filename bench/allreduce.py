@@ -5,8 +5,9 @@ elements by default), average them: first with gloo's all_reduce (ring, no
 signing, no compression, no fault tolerance), then with iota.allreduce for
 each codec. Per codec: seconds per round (from the last peer joining to the
 last one finishing, as gloo is timed from a barrier; median over --repeats)
-beside gloo's, and body bytes each peer sent and received per
-round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
+beside gloo's, the CPU seconds all peers spent in it (summed; beside
+seconds x cores this tells a CPU-bound round from a link-bound one), and
+body bytes each peer sent and received per round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
 the fp32 vector. Prints JSON lines.
 
 With --netlab RATE (root, the netlab tool in ../shared/tools) every peer, gloo rank or
@@ -236,11 +237,11 @@ def main() -> None:
         lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
-        seconds, sent, received, failures = [], [], [], []
+        seconds, cpu, sent, received, failures = [], [], [], [], []
         for round_id in round_ids:
-            per_peer = [
-                next(x for x in lines[i] if x.get("round_id") == round_id)["report"] for i in range(world)
-            ]
+            round_lines = [next(x for x in lines[i] if x.get("round_id") == round_id) for i in range(world)]
+            per_peer = [x["report"] for x in round_lines]
+            cpu.append(sum(x["cpu_seconds"] for x in round_lines))
             failures += [r["error"] for r in per_peer if r["error"]]
             # Like gloo's barrier: from the moment the last peer joined to the moment the last one finished.
             last_join = max(r["started_at"] for r in per_peer)
@@ -255,6 +256,7 @@ def main() -> None:
         print(json.dumps({
             "bench": "iota.allreduce", "link": link, "codec": codec, "seconds": median, "rounds": seconds,
             "gloo_seconds": gloo_seconds, "time_vs_gloo": median / gloo_seconds,
+            "cpu_seconds_all_peers": statistics.median(cpu),
             "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
             "sent_vs_optimal_fp32": statistics.mean(sent) / optimal,
             "sent_vs_optimal_same_codec": statistics.mean(sent) / (2 * (world - 1) / world * frame_bytes),

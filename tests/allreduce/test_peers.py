@@ -82,6 +82,29 @@ def test_four_peers_return_the_same_weighted_mean():
         assert torch.allclose(gram, exact_gram, rtol=1e-3, atol=10.0)
 
 
+def test_the_mean_can_land_in_the_callers_buffer_round_after_round():
+    async def main():
+        async with local_peers(2) as peers:
+            out = [torch.full((30_000,), float("nan")) for _ in peers]
+            means = []
+            for r, xs in enumerate([vectors(2, 30_000), vectors(2, 30_000)[::-1]]):
+                group = group_of(peers, f"into-{r}")
+                results = await asyncio.gather(*(
+                    p.allreduce(group, x, 1.0, Codec.from_string("int8/b64"), out=o) for p, x, o in zip(peers, xs, out)
+                ))
+                assert all(result.mean is o for result, o in zip(results, out))
+                means.append(out[0].clone())
+                assert torch.equal(out[0], out[1])
+            fresh = await asyncio.gather(*(
+                p.allreduce(group_of(peers, "fresh"), x, 1.0, Codec.from_string("int8/b64"))
+                for p, x in zip(peers, vectors(2, 30_000))
+            ))
+            return means, fresh[0].mean
+
+    means, fresh = asyncio.run(main())
+    assert torch.equal(means[0], fresh) and torch.isfinite(means[1]).all()
+
+
 def test_a_round_of_one_is_the_codec_round_trip():
     async def main():
         async with local_peers(1) as (peer,):
@@ -164,6 +187,10 @@ def test_bad_inputs_are_refused_before_the_round():
             other = Group("r", (Member(KEYS[1].ss58_address, "http://127.0.0.1:1"),))
             with pytest.raises(GroupError, match="not a member"):
                 await peer.allreduce(other, torch.zeros(10), 1.0, codec)
+            x = torch.zeros(10)
+            for out in (x, torch.zeros(11), torch.zeros(10, dtype=torch.float64), torch.zeros(20)[::2]):
+                with pytest.raises(GroupError, match="out must be"):
+                    await peer.allreduce(group, x, 1.0, codec, out=out)
 
     asyncio.run(main())
 

@@ -68,6 +68,7 @@ class ButterflyRound:
         faults: Faults,
         vector: torch.Tensor,
         weight: float,
+        out: torch.Tensor | None = None,
     ) -> None:
         self.plan = plan
         self.me = holder.me
@@ -77,6 +78,7 @@ class ButterflyRound:
         self.config = config
         self.faults = faults
         self.vector = vector
+        self.out = out
         self.weight = weight
         self.traffic = holder.traffic
         self.unreachable: dict[str, str] = {}
@@ -250,7 +252,7 @@ class ButterflyRound:
     # -- 3. gather ---------------------------------------------------------------------
 
     async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[bytes | bytearray]]:
-        mean = huge_page_tensor(self.plan.numel)
+        mean = self.out if self.out is not None else huge_page_tensor(self.plan.numel)
         frames: list[bytes | bytearray] = [b""] * len(self.plan.parts)
         slots = asyncio.Semaphore(self.config.max_inflight)
 

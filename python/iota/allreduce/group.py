@@ -141,7 +141,12 @@ class RoundPlan:
 
     def shard_bytes(self, hotkey: str) -> int:
         """Bytes of one sender's frames of every part `hotkey` holds."""
-        return sum(self.parts[p].frame_bytes for p in self.held_parts(hotkey))
+        return self._shard_bytes[hotkey]
+
+    @cached_property
+    def _shard_bytes(self) -> dict[str, int]:
+        # Asked for every request's deadline: summed once, not per part.
+        return {h: sum(self.parts[p].frame_bytes for p in self.held_parts(h)) for h in self.members}
 
     def expected_bytes(self, hotkey: str) -> int:
         """Bytes `hotkey` receives over the network as a holder (everyone's parts but its own)."""

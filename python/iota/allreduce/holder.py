@@ -25,6 +25,7 @@ from iota.errors import CodecError
 from iota.net import Refused
 
 log = logging.getLogger(__name__)
+GRAM_CHUNK = 4096
 
 
 class Refusal(Refused):
@@ -82,7 +83,18 @@ def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], num
     for row, (frame, weight) in zip(decoded, inputs):
         Codec.decode_accumulate(frame, acc, weight)
         Codec.decode_into(frame, row)
-    return codec.encode(acc, seed=seed), (decoded @ decoded.T).to(torch.float64)
+    return codec.encode(acc, seed=seed), gram(decoded).to(torch.float64)
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ rows.T for a few very long rows, as a sum of products over chunks of
+    GRAM_CHUNK columns: BLAS does a 4 x 1 Mi product 2x slower in one piece."""
+    k, numel = rows.shape
+    whole = numel - numel % GRAM_CHUNK
+    # (chunks, k, GRAM_CHUNK) over the rows' own memory: no copy.
+    chunks = rows.as_strided((whole // GRAM_CHUNK, k, GRAM_CHUNK), (GRAM_CHUNK, rows.stride(0), 1))
+    tail = rows[:, whole:]
+    return torch.bmm(chunks, chunks.transpose(1, 2)).sum(0) + tail @ tail.T
 
 
 class HolderRound:

@@ -87,12 +87,19 @@ class AllReducePeer:
                 self._client = self._streams = None
                 self.address = None
 
-    async def allreduce(self, group: Group, vector: torch.Tensor, weight: float, codec: Codec) -> AllReduceResult:
+    async def allreduce(
+        self, group: Group, vector: torch.Tensor, weight: float, codec: Codec, *, out: torch.Tensor | None = None
+    ) -> AllReduceResult:
         """The weighted mean of the members' `vector`s, identical on every peer that completes.
 
         `vector` is this peer's flat float32 CPU tensor (same length on every
         peer), `weight` its positive weight in the mean. Raises AllReduceError,
         with a report, if the round cannot complete consistently.
+
+        `out`, a float32 CPU tensor of the vector's length and not the vector
+        itself, receives the mean (result.mean is then `out`); reusing one
+        across rounds saves faulting in fresh memory each time. It is left
+        partly written if the round fails.
         """
         started = time.monotonic()
         if self._client is None or self._streams is None or self._rounds is None:
@@ -105,6 +112,11 @@ class AllReducePeer:
             raise GroupError(f"the vector must be on the CPU, not {vector.device}")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise GroupError(f"weight must be a positive finite number, got {weight!r}")
+        if out is not None and not (
+            isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
+            and out.is_contiguous() and out.shape == vector.shape and out.data_ptr() != vector.data_ptr()
+        ):
+            raise GroupError("out must be a contiguous float32 CPU tensor shaped like the vector, and not the vector")
         vector = vector.contiguous()
         # A sum is one fast pass and is finite unless some value is not (or it
         # overflowed: then look closer); torch.isfinite is 20x slower.
@@ -119,7 +131,9 @@ class AllReducePeer:
             holder.stop()
             raise
         self._traffic[group.round_id] = holder.traffic
-        runner = ButterflyRound(plan, holder, self._client, self._streams, self.config, self.faults, vector, float(weight))
+        runner = ButterflyRound(
+            plan, holder, self._client, self._streams, self.config, self.faults, vector, float(weight), out
+        )
         try:
             return await runner.run(started)
         finally:

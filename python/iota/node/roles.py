@@ -32,6 +32,7 @@ from iota.net import serve
 from iota.orchestrator.config import OrchestratorConfig
 from iota.orchestrator.service import Orchestrator
 from iota.orchestrator.store import Store
+from iota.process import freeze_startup_objects
 from iota.validator import Validator, ValidatorConfig
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def setup_process(threads: int, log_level: str = "INFO") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if threads > 0:
         torch.set_num_threads(threads)
+    freeze_startup_objects()
 
 
 @dataclass(frozen=True)
