@@ -35,9 +35,9 @@ class AllReduceReport:
     `contributors` maps each hotkey whose contribution is in the mean to its
     weight (empty if the round failed before deciding); `excluded` says why
     every other member is out; `unreachable` lists holders this peer could
-    not use and why. Byte counts are request and response bodies (HTTP
-    headers not included) this peer sent and received, as client and server,
-    up to the moment the report was made. `phases` has the seconds spent
+    not use and why. Byte counts are request and answer bodies (not HTTP
+    headers or stream message metas) this peer sent and received, as client
+    and server, up to the moment the report was made. `phases` has the seconds spent
     scattering parts, deciding and gathering the mean, as far as it got.
     `gram` holds the inner products of the contributions (as the holders
     decoded them) in sorted hotkey order, summed over shards: what a
