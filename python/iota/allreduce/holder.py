@@ -21,6 +21,7 @@ from iota.allreduce.decision import Decision, HaveSet
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
+from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import Refused
 
@@ -260,7 +261,7 @@ class HolderRound:
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
                 return
             largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
-            scratch = torch.empty((len(order) + 1) * largest, dtype=torch.float32)
+            scratch = huge_page_tensor((len(order) + 1) * largest)
             for p in parts:
                 inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
                 part = self.plan.parts[p]
