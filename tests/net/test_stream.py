@@ -249,3 +249,16 @@ def test_a_server_that_never_answers_times_out(keys, chain):
             await server.wait_closed()
 
     asyncio.run(body())
+
+
+def test_a_connection_that_never_speaks_is_closed_after_the_bound(keys, chain):
+    async def body(url: str, echo: Echo) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            # Nothing sent: the server neither knows nor waits forever what this is.
+            assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        finally:
+            writer.close()
+
+    run(keys, chain, body, idle=0.3)

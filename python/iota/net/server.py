@@ -88,6 +88,7 @@ async def _serve_both(
     runner: web.AppRunner, guard: RequestGuard, service: StreamService, host: str, port: int
 ) -> AsyncIterator[str]:
     tasks: set[asyncio.Task[None]] = set()
+    undecided: set[_Sniffer] = set()  # connected, first byte not in yet
 
     def start_stream(conn: Connection) -> None:
         task = asyncio.get_running_loop().create_task(serve_connection(conn, guard, service))
@@ -96,11 +97,17 @@ async def _serve_both(
 
     http = runner.server
     assert http is not None  # set up by runner.setup()
-    server = await asyncio.get_running_loop().create_server(lambda: _Sniffer(http, start_stream), host, port)
+    # A connection that never says what it is goes after the bound for a request to start.
+    first_byte_bound = service.read_bound(0)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: _Sniffer(http, start_stream, undecided, first_byte_bound), host, port
+    )
     try:
         yield _base_url(*server.sockets[0].getsockname()[:2])
     finally:
         server.close()
+        for sniffer in list(undecided):
+            sniffer.close()
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -109,16 +116,41 @@ async def _serve_both(
 class _Sniffer(asyncio.Protocol):
     """Hands a new connection to a stream Connection or to aiohttp, by its first byte."""
 
-    def __init__(self, http: Callable[[], asyncio.BaseProtocol], start_stream: Callable[[Connection], None]) -> None:
+    def __init__(
+        self,
+        http: Callable[[], asyncio.BaseProtocol],
+        start_stream: Callable[[Connection], None],
+        undecided: set[_Sniffer],
+        bound: float,
+    ) -> None:
         self.http = http
         self.start_stream = start_stream
+        self.undecided = undecided
+        self.bound = bound
         self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.undecided.add(self)
+        self._timer = asyncio.get_running_loop().call_later(self.bound, self.close)
+
+    def close(self) -> None:
+        self._decided()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _decided(self) -> None:
+        self.undecided.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._decided()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        self._decided()
         if data[:1] == MAGIC[:1]:  # no HTTP request starts with this byte
             stream = Connection(data)
             self.transport.set_protocol(stream)
