@@ -29,7 +29,6 @@ from iota.net import (
     NetError,
     PeerError,
     SignedClient,
-    bytes_response,
     json_error,
     request_body,
     request_sender,
@@ -58,7 +57,7 @@ def build_app(
 
     async def echo(request: web.Request) -> web.StreamResponse:
         record("echo", request)
-        return await bytes_response(request, request_body(request), chunk_size=1 << 16)
+        return web.Response(body=request_body(request), content_type="application/octet-stream")
 
     @route_policy(roles=("validator",))
     async def validators_only(request: web.Request) -> web.StreamResponse:

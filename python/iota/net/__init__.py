@@ -14,7 +14,7 @@ from iota.net.guard import (
     route_policy,
 )
 from iota.net.replay import ReplayCache
-from iota.net.server import bytes_response, serve, signed_app
+from iota.net.server import serve, signed_app
 from iota.net.stream import StreamClient, StreamRequest, StreamService
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "StreamClient",
     "StreamRequest",
     "StreamService",
-    "bytes_response",
     "json_error",
     "request_body",
     "request_sender",

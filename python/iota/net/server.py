@@ -1,4 +1,4 @@
-"""Serving: a guarded aiohttp app, binary responses in bounded parts, and start/stop."""
+"""Serving: a guarded aiohttp app, with stream requests beside it on the same port, and start/stop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from iota.chain.base import Chain
-from iota.net.body import check_part_size
 from iota.net.guard import GuardConfig, RequestGuard
 from iota.net.stream import MAGIC, Connection, StreamService, serve_connection
 
@@ -24,30 +23,6 @@ def signed_app(hotkey: str, chain: Chain, config: GuardConfig | None = None) -> 
     app = web.Application(middlewares=[guard.middleware])
     app[APP_GUARD] = guard  # streams served beside the app share its replay cache
     return app
-
-
-async def bytes_response(
-    request: web.Request,
-    data: bytes,
-    *,
-    chunk_size: int,
-    status: int = 200,
-    content_type: str = "application/octet-stream",
-) -> web.StreamResponse:
-    """Send `data` in parts of at most `chunk_size` bytes, waiting for the socket between parts.
-
-    A plain web.Response hands the whole body to the transport at once, which
-    copies whatever the socket cannot take yet: a second copy of a big frame.
-    """
-    check_part_size(chunk_size)
-    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
-    response.content_length = len(data)
-    await response.prepare(request)
-    view = memoryview(data)
-    for start in range(0, len(view), chunk_size):
-        await response.write(view[start : start + chunk_size])
-    await response.write_eof()
-    return response
 
 
 @asynccontextmanager
