@@ -59,6 +59,13 @@ def test_rebalance_does_not_move_for_a_gain_below_the_threshold() -> None:
     assert rebalance(costs, [[("a", 1.0), ("b", 1.0)], [("c", 1.0), ("d", 1.0)]], gain=1e-9) is None
 
 
+def test_rebalance_never_moves_a_pinned_miner() -> None:
+    assert rebalance([1.0, 1.0, 1.0], [[("a", 1.0), ("b", 1.0)], [("c", 1.0)], []], gain=0.9,
+                     pinned={"a"}) == Move("b", 0, 2)
+    assert rebalance([1.0, 1.0, 1.0], [[("a", 1.0), ("b", 1.0)], [("c", 1.0)], []], gain=0.9,
+                     pinned={"a", "b"}) is None
+
+
 def test_rebalance_never_empties_a_stage() -> None:
     # Stage 1 is hopelessly slow, but stage 0's only miner stays.
     assert rebalance([1.0, 100.0], [[("a", 1.0)], [("b", 1.0)]], gain=0.01) is None

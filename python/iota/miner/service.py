@@ -70,7 +70,8 @@ class MinerConfig:
     `ban_base`/`ban_max` (s): how long a failing peer is avoided (doubling per failure).
     `merge_codec`: how pseudo-gradients cross in the all-reduce.
     `flops`: this machine's compute as declared to the orchestrator (0: measure it at start).
-    `stage`: the stage to join (-1: the one the orchestrator finds slowest); rebalancing may move it.
+    `stage`: the stage to join and keep (-1: the one the orchestrator finds slowest, and
+    rebalancing may move it).
     `adversary`: misbehave on purpose, for tests and demos of the validators: "random" (send noise
     instead of outputs), "stale" (never merge nor load merged weights), "lazy" (skip the optimizer
     steps), "poison" (merge noise 8x the size of an honest contribution), "replay" (send again the

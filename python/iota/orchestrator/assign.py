@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 
@@ -29,12 +30,18 @@ class Move:
     target: int
 
 
-def rebalance(costs: Sequence[float], miners: Sequence[Sequence[tuple[str, float]]], gain: float) -> Move | None:
+def rebalance(
+    costs: Sequence[float],
+    miners: Sequence[Sequence[tuple[str, float]]],
+    gain: float,
+    pinned: AbstractSet[str] = frozenset(),
+) -> Move | None:
     """One move of a miner that speeds up the pipeline by at least the fraction `gain`, or None.
 
     `miners[s]` lists (hotkey, FLOP/s) of stage s's live miners. Only stages
     with two or more miners give one up; the move chosen makes the new
-    slowest stage fastest. An empty stage is always worth filling.
+    slowest stage fastest. An empty stage is always worth filling. Miners in
+    `pinned` (they asked for their stage) count, but are never moved.
     """
     capacity = [sum(f for _, f in stage) for stage in miners]
     before = max(stage_times(costs, capacity))
@@ -44,6 +51,8 @@ def rebalance(costs: Sequence[float], miners: Sequence[Sequence[tuple[str, float
         if source == target or len(stage) < 2:
             continue
         for hotkey, flops in stage:
+            if hotkey in pinned:
+                continue
             moved = list(capacity)
             moved[source] -= flops
             moved[target] += flops

@@ -61,6 +61,9 @@ class Orchestrator:
         self.costs = self.recipe.stage_costs(self.vocab_size)
         self.weight_bytes: list[int] = store.get_meta("weight_bytes")
         self.last_move = 0.0
+        # Miners that asked for a stage when they registered with this process (not persisted:
+        # after a restart they are pinned again when they re-register).
+        self.pinned: set[str] = set()
 
     def _start_run(self) -> None:
         _, _, tokenizer = iota.data.load(self.recipe.data, self.recipe.tokenizer)
@@ -141,6 +144,11 @@ class Orchestrator:
                 stage = existing.stage
             else:
                 stage = self._assign() if wanted is None else wanted
+            # A miner that asked for its stage stays there: rebalancing moves only the others.
+            if wanted is None:
+                self.pinned.discard(sender.hotkey)
+            else:
+                self.pinned.add(sender.hotkey)
         self.store.upsert_node(sender.hotkey, sender.role, address, merge_address, stage, flops)
         self.store.add_event("node_joined", {"hotkey": sender.hotkey, "role": sender.role, "stage": stage})
         log.info("%s %s joined%s", sender.role, sender.hotkey, "" if stage is None else f" on stage {stage}")
@@ -500,7 +508,7 @@ class Orchestrator:
     def _rebalance(self, now: float) -> None:
         miners = [[(n.hotkey, max(n.flops, 1.0)) for n in self.store.nodes(role="miner") if n.stage == s]
                   for s in range(self.recipe.stages)]
-        move = rebalance(self.costs, miners, self.config.rebalance_gain)
+        move = rebalance(self.costs, miners, self.config.rebalance_gain, self.pinned)
         if move is None:
             return
         self.store.set_stage(move.hotkey, move.target)
