@@ -42,10 +42,8 @@ def placed(cheat_stage: int, stages: int) -> dict[int, int]:
 # Open bug (NOTES.md): before the replay cheat on the last stage is caught, stage 0 trains on its
 # gradients, and one of stage 0's two honest miners can then look like an outlier at a merge and be
 # flagged `poisoned_merge` too. It failed 3 of the last 4 clean-clone CI runs (1 in 5 locally).
-REPLAY_CONTAMINATES = pytest.mark.xfail(
-    reason="known bug: an honest stage-0 miner fed the replay cheat's gradients can be flagged poisoned_merge",
-    strict=False,
-)
+CONTAMINATION = "known bug: an honest stage-0 miner fed the replay cheat's gradients can be flagged poisoned_merge"
+REPLAY_CONTAMINATES = pytest.mark.xfail(reason=CONTAMINATION, strict=False)
 
 
 @pytest.mark.parametrize(
