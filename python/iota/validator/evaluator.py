@@ -89,52 +89,87 @@ class Validator:
         self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
         self.scratch: dict[int, StageWorker] = {}
         self.global_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.beat: dict[str, Any] = {}
+        self.beats = asyncio.Event()  # set by each heartbeat reply
 
     async def run(self) -> None:
         """Evaluate merged models, audit and score miners, until the run is finished."""
         async with aiohttp.ClientSession() as session:
             self.client = SignedClient(self.signer, session)
-            client = self.orchestrator = OrchestratorClient(self.client, self.orchestrator_address,
-                                                            self.orchestrator_hotkey, timeout=self.config.timeout)
-            while True:
-                try:
-                    reply = await client.register(0.0)
-                    break
-                except NetError as exc:
-                    log.warning("cannot register yet (%s); retrying", exc)
-                    await asyncio.sleep(1.0)
+            self.orchestrator = OrchestratorClient(self.client, self.orchestrator_address, self.orchestrator_hotkey,
+                                                   timeout=self.config.timeout)
+            reply = await self.register()
             self.recipe, self.vocab_size = Recipe.from_dict(reply["recipe"]), int(reply["vocab_size"])
             interval = float(reply["heartbeat"])
             self.train, val, _ = await asyncio.to_thread(iota.data.load, self.recipe.data, self.recipe.tokenizer)
-            evaluated: list[int] | None = None
-            last_score = time.monotonic()
-            while True:
-                try:
-                    beat = await client.heartbeat({"audits": self.audits})
-                except PeerError as exc:
-                    if exc.status == 409:
-                        await client.register(0.0)
+            # Heartbeats have their own task: a long audit pass must not get the validator dropped as silent.
+            loop = asyncio.get_running_loop()
+            beats, work = loop.create_task(self.heartbeat_loop(interval)), loop.create_task(self.follow(val))
+            try:
+                # Whichever ends first ends the run: the work when the run is finished, or the
+                # heartbeats with an error (raised here).
+                done, _ = await asyncio.wait({beats, work}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            finally:
+                for task in (beats, work):
+                    task.cancel()
+                await asyncio.gather(beats, work, return_exceptions=True)
+
+    async def register(self) -> dict[str, Any]:
+        """Register (retrying while the orchestrator is unreachable); returns its reply."""
+        while True:
+            try:
+                return await self.orchestrator.register(0.0)
+            except NetError as exc:
+                log.warning("cannot register yet (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def heartbeat_loop(self, interval: float) -> None:
+        """Heartbeat every `interval` s; each reply is handed to `follow` through `self.beats`."""
+        while True:
+            try:
+                reply = await self.orchestrator.heartbeat({"audits": self.audits})
+                self.beat = reply
+                self.beats.set()
+            except PeerError as exc:
+                if exc.status == 409:
+                    log.warning("the orchestrator does not know us (%s); registering again", exc.detail)
+                    await self.register()
                     continue
-                except NetError as exc:
-                    log.warning("heartbeat failed: %s", exc)
-                    await asyncio.sleep(interval)
-                    continue
-                self.latest = [v["version"] for v in beat["versions"]]
-                try:
-                    await self.audit_new_work()
-                    await self.check_merges()
-                    if time.monotonic() - last_score >= self.config.score_every or beat["status"] == "finished":
-                        await self.publish_scores()
-                        last_score = time.monotonic()
-                except NetError as exc:
-                    log.warning("auditing or scoring failed this round: %s", exc)
-                versions = list(self.latest)
-                if versions != evaluated:
-                    evaluated = versions
-                    await self.evaluate(versions, val)
-                elif beat["status"] == "finished":
-                    return
-                await asyncio.sleep(interval)
+                log.warning("heartbeat refused: %s", exc)
+            except NetError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def follow(self, val: iota.data.TokenDataset) -> None:
+        """At each new heartbeat reply: audit new work, tally merges, score, and evaluate new merged
+        models, until the run is finished."""
+        # Built before work arrives: building one on the first audit made that audit seconds
+        # late, and a cheat's bad gradients trained the stage before it for all that time.
+        for stage in range(self.recipe.stages):
+            await self.scratch_worker(stage)
+        evaluated: list[int] | None = None
+        last_score = time.monotonic()
+        while True:
+            await self.beats.wait()
+            self.beats.clear()
+            beat = self.beat
+            self.latest = [v["version"] for v in beat["versions"]]
+            try:
+                await self.audit_new_work()
+                await self.check_merges()
+                if time.monotonic() - last_score >= self.config.score_every or beat["status"] == "finished":
+                    await self.publish_scores()
+                    last_score = time.monotonic()
+            except NetError as exc:
+                log.warning("auditing or scoring failed this round: %s", exc)
+            versions = list(self.latest)
+            if versions != evaluated:
+                evaluated = versions
+                await self.evaluate(versions, val)
+            elif beat["status"] == "finished":
+                return
 
     async def evaluate(self, versions: list[int], val: iota.data.TokenDataset) -> None:
         states = []
@@ -184,7 +219,10 @@ class Validator:
         addresses = {m["hotkey"]: m["address"] for st in (await self.client.get_json(
             self.orchestrator_address, "/api/state", receiver=self.orchestrator_hotkey,
             timeout=self.config.timeout))["stages"] for m in st["miners"]}
-        for row, stage, repeated in reversed(audits):  # newest first: the miner still keeps it
+        # Suspects first (each is likely a cheat still at work), then the random share; newest first
+        # in each, while the miners still keep the work.
+        audits.sort(key=lambda audit: (audit[2] is None, -audit[0]["row"]))
+        for row, stage, repeated in audits:
             hotkey = row["path"][stage]
             if hotkey in self.flagged or hotkey not in addresses:
                 continue
