@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -169,6 +171,33 @@ void decode_accumulate(py::handle frame, py::handle acc, float weight, int threa
   decode_payload(s, l, f.data(), nullptr, DT_F32, (float*)a.data(), weight, threads);
 }
 
+void decode_reduce(const std::vector<py::handle>& frames, const std::vector<float>& weights, py::handle acc,
+                   py::handle gram, int threads) {
+  const size_t k = frames.size();
+  if (weights.size() != k) throw CodecError(std::to_string(k) + " frames but " + std::to_string(weights.size()) + " weights");
+  std::vector<std::unique_ptr<Buffer>> views;
+  for (py::handle f : frames) views.push_back(std::make_unique<Buffer>(f, false, "frame"));
+  Buffer a(acc, true, "accumulator");
+  Buffer g(gram, true, "gram");
+  if (g.size() != k * k * 8) throw CodecError("gram must hold " + std::to_string(k * k) + " float64 values");
+  py::gil_scoped_release nogil;
+  std::vector<FrameSpec> specs(k);
+  std::vector<FrameLayout> layouts(k);
+  std::vector<const uint8_t*> data(k);
+  for (size_t i = 0; i < k; i++) {
+    specs[i] = parse_frame(views[i]->data(), views[i]->size(), &layouts[i]);
+    data[i] = views[i]->data();
+    const FrameSpec &s = specs[i], &s0 = specs[0];
+    if (s.kind != s0.kind || s.bits != s0.bits || s.block != s0.block || s.flags != s0.flags || s.numel != s0.numel ||
+        s.dtype != s0.dtype)
+      throw CodecError("frame " + std::to_string(i) + " is not encoded like frame 0 (kind, bits, block, flags, dtype, size)");
+  }
+  if (k > 0 && a.size() != specs[0].numel * 4)
+    throw CodecError("accumulator holds " + std::to_string(a.size() / 4) + " fp32 values; the frames decode to " +
+                     std::to_string(specs[0].numel));
+  reduce_payloads(specs, layouts, data, weights.data(), (float*)a.data(), (double*)g.data(), threads);
+}
+
 py::dict frame_layout(int dtype, const std::vector<int64_t>& shape, int kind, int bits, int64_t block, int flags,
                       uint64_t seed) {
   FrameSpec s = make_spec(dtype, shape, kind, bits, block, flags, seed);
@@ -229,6 +258,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_into", &decode_into, py::arg("frame"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0);
   m.def("decode_accumulate", &decode_accumulate, py::arg("frame"), py::arg("acc"), py::arg("weight"),
         py::arg("threads") = 0, "acc (fp32) += weight * decoded, fused.");
+  m.def("decode_reduce", &decode_reduce, py::arg("frames"), py::arg("weights"), py::arg("acc"), py::arg("gram"),
+        py::arg("threads") = 0,
+        "acc (fp32) += weights[i] * decoded frames[i] in order, as repeated decode_accumulate; gram (float64 k x k) "
+        "= the decoded frames' inner products. One decode per frame.");
   m.def("frame_layout", &frame_layout, py::arg("dtype"), py::arg("shape"), py::arg("kind"), py::arg("bits"),
         py::arg("block"), py::arg("flags"), py::arg("seed"),
         "Header bytes and section offsets of a frame, for backends that fill scales and codes themselves.");

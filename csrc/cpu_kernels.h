@@ -278,7 +278,7 @@ static void emit(const DecodeJob& job, int64_t start, int64_t n, const float* __
     for (int64_t i = 0; i < n; i++) a[i] = a[i] + w * v[i];
   } else {
     const size_t osize = job.out_dtype == DT_F32 ? 4 : 2;
-    store_from_f32(v, n, job.out_dtype, (uint8_t*)job.out + start * osize);
+    store_from_f32(v, n, job.out_dtype, (uint8_t*)job.out + (start - job.origin) * osize);
   }
 }
 
@@ -294,7 +294,7 @@ static void decode_int_blocks(const DecodeJob& job, int64_t b0, int64_t b1) {
     const int64_t n = std::min(job.block, job.numel - start);
     const float s = read_scale(job.scales, b, f16);
     const float lo = MINMAX ? read_scale(los, b, f16) : 0.0f;
-    float* y = direct ? (float*)job.out + start : tmp;
+    float* y = direct ? (float*)job.out + (start - job.origin) : tmp;
     dequantize_block<BITS, MINMAX>(job.codes + start * BITS / 8, n, s, lo, y);
     if (!direct) emit(job, start, n, y);
   }
@@ -314,7 +314,7 @@ static void decode_float_range(const DecodeJob& job, int64_t e0, int64_t e1) {
     const int64_t n = std::min<int64_t>(kMaxBlock, e1 - e);
     const uint8_t* src = job.codes + e * wsize;
     if (!job.acc && wire == job.out_dtype) {
-      memcpy((uint8_t*)job.out + e * wsize, src, n * wsize);
+      memcpy((uint8_t*)job.out + (e - job.origin) * wsize, src, n * wsize);
       continue;
     }
     load_f32(src, wire, n, tmp);
@@ -329,6 +329,51 @@ static void decode_range(const DecodeJob& job, int64_t r0, int64_t r1) {
     case 4: return decode_int_scheme<4>(job, r0, r1);
     default: return decode_int_scheme<2>(job, r0, r1);
   }
+}
+
+// <a, b> over n values: kLanes independent partial sums, so the loop vectorizes
+// without reassociating (no -ffast-math), then summed in double.
+static double dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  constexpr int kLanes = 16;
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; l++) lane[l] = lane[l] + a[i + l] * b[i + l];
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; l++) sum += lane[l];
+  for (; i < n; i++) sum += (double)a[i] * b[i];
+  return sum;
+}
+
+// Windows of about kMaxBlock elements: each input's window is decoded once into
+// a buffer that stays in cache, accumulated into acc, and multiplied with the others'.
+static void reduce_range(const ReduceJob& job, int64_t r0, int64_t r1, double* gram) {
+  if (job.k == 0) return;
+  const DecodeJob& first = job.inputs[0];
+  const int64_t unit = first.kind == KIND_INT ? first.block : kMaxBlock;
+  const int64_t window = std::max<int64_t>(1, kMaxBlock / unit);
+  const int k = job.k;
+  float* values = new float[(size_t)k * kMaxBlock];
+  for (int64_t u0 = r0; u0 < r1; u0 += window) {
+    const int64_t u1 = std::min(r1, u0 + window);
+    const int64_t start = u0 * unit, n = std::min(first.numel, u1 * unit) - start;
+    for (int i = 0; i < k; i++) {
+      DecodeJob in = job.inputs[i];
+      in.acc = nullptr;
+      in.out = values + (size_t)i * kMaxBlock;
+      in.out_dtype = DT_F32;
+      in.origin = start;
+      decode_range(in, u0, u1);
+      const float* __restrict v = values + (size_t)i * kMaxBlock;
+      float* __restrict a = job.acc + start;
+      const float w = job.weights[i];
+      for (int64_t j = 0; j < n; j++) a[j] = a[j] + w * v[j];  // as emit() does
+    }
+    for (int i = 0; i < k; i++)
+      for (int j = i; j < k; j++)
+        gram[i * k + j] += dot(values + (size_t)i * kMaxBlock, values + (size_t)j * kMaxBlock, n);
+  }
+  delete[] values;
 }
 
 }  // namespace IOTA_ISA_NS

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <thread>
 
 #include "codec_math.h"
@@ -257,6 +259,40 @@ void decode_payload(const FrameSpec& s, const FrameLayout& l, const uint8_t* fra
   const Kernels& k = *g_kernels;
   parallel_ranges(work_units(s.kind, job.numel, job.block), s.kind == KIND_INT ? job.block : kMaxBlock, threads,
                   [&](int64_t r0, int64_t r1) { k.decode(job, r0, r1); });
+}
+
+void reduce_payloads(const std::vector<FrameSpec>& specs, const std::vector<FrameLayout>& layouts,
+                     const std::vector<const uint8_t*>& frames, const float* weights, float* acc, double* gram,
+                     int threads) {
+  const int k = (int)frames.size();
+  if (k == 0) return;
+  std::vector<DecodeJob> jobs;
+  for (int i = 0; i < k; i++) {
+    const FrameSpec& s = specs[i];
+    const FrameLayout& l = layouts[i];
+    jobs.push_back(DecodeJob{frames[i] + l.scales_off, frames[i] + l.codes_off, s.dtype, (int64_t)s.numel, s.kind,
+                             s.bits, (int64_t)s.block, s.flags, nullptr, DT_F32, nullptr, 0.0f});
+  }
+  const ReduceJob job{jobs.data(), weights, k, acc};
+  const Kernels& kernels = *g_kernels;
+  const FrameSpec& s = specs[0];
+  // Each range sums its own inner products; they are added in range order, so the Gram matrix
+  // does not depend on thread timing.
+  std::mutex lock;
+  std::map<int64_t, std::vector<double>> partial;
+  parallel_ranges(work_units(s.kind, (int64_t)s.numel, s.block), s.kind == KIND_INT ? s.block : kMaxBlock, threads,
+                  [&](int64_t r0, int64_t r1) {
+                    std::vector<double> g((size_t)k * k, 0.0);
+                    kernels.reduce(job, r0, r1, g.data());
+                    std::lock_guard<std::mutex> hold(lock);
+                    partial[r0] = std::move(g);
+                  });
+  std::fill(gram, gram + (size_t)k * k, 0.0);
+  for (const auto& [r0, g] : partial)
+    for (int i = 0; i < k; i++)
+      for (int j = i; j < k; j++) gram[i * k + j] += g[i * k + j];
+  for (int i = 0; i < k; i++)
+    for (int j = 0; j < i; j++) gram[i * k + j] = gram[j * k + i];
 }
 
 const Kernels& active_kernels() { return *g_kernels; }

@@ -65,6 +65,12 @@ void encode_payload(const FrameSpec& spec, const FrameLayout& layout, const void
 void decode_payload(const FrameSpec& spec, const FrameLayout& layout, const uint8_t* frame, void* out,
                     uint8_t out_dtype, float* acc, float weight, int threads);
 
+// Reduces k parsed frames of one layout (same kind, bits, block, flags, numel): acc += weights[i] * x_i in
+// order, exactly as k decode_payload accumulations, and gram (k x k, row-major) = the x_i's inner products.
+void reduce_payloads(const std::vector<FrameSpec>& specs, const std::vector<FrameLayout>& layouts,
+                     const std::vector<const uint8_t*>& frames, const float* weights, float* acc, double* gram,
+                     int threads);
+
 const Kernels& active_kernels();
 std::vector<std::string> available_isas();
 void select_isa(const std::string& name);  // throws CodecError if unsupported here

@@ -34,6 +34,17 @@ struct DecodeJob {
   uint8_t out_dtype;
   float* acc;  // accumulate: acc += weight * value (then out is unused)
   float weight;
+  int64_t origin = 0;  // the element out[0] holds (a decode into a window of the frame)
+};
+
+// k frames of one layout reduced in one pass: acc += weight_i * x_i in input
+// order (the decode-accumulate contract, element by element) and the inner
+// products of the decoded x_i (their Gram matrix), without decoding twice.
+struct ReduceJob {
+  const DecodeJob* inputs;  // k decode jobs; their acc and weight are unused
+  const float* weights;
+  int k;
+  float* acc;  // numel fp32 values
 };
 
 // One instruction set's kernels. A "range" is [r0, r1) in units of quantization
@@ -42,6 +53,8 @@ struct Kernels {
   const char* isa;
   Status (*encode)(const EncodeJob&, int64_t r0, int64_t r1);
   void (*decode)(const DecodeJob&, int64_t r0, int64_t r1);
+  // Reduces the range's units; gram (k x k, row-major) += the range's inner products.
+  void (*reduce)(const ReduceJob&, int64_t r0, int64_t r1, double* gram);
 };
 
 extern const Kernels kernels_baseline;

@@ -3,5 +3,5 @@
 #include "cpu_kernels.h"
 
 namespace iota {
-const Kernels kernels_avx2 = {"avx2", isa_avx2::encode_range, isa_avx2::decode_range};
+const Kernels kernels_avx2 = {"avx2", isa_avx2::encode_range, isa_avx2::decode_range, isa_avx2::reduce_range};
 }

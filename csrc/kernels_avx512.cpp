@@ -3,5 +3,5 @@
 #include "cpu_kernels.h"
 
 namespace iota {
-const Kernels kernels_avx512 = {"avx512", isa_avx512::encode_range, isa_avx512::decode_range};
+const Kernels kernels_avx512 = {"avx512", isa_avx512::encode_range, isa_avx512::decode_range, isa_avx512::reduce_range};
 }

@@ -3,5 +3,5 @@
 #include "cpu_kernels.h"
 
 namespace iota {
-const Kernels kernels_baseline = {"baseline", isa_baseline::encode_range, isa_baseline::decode_range};
+const Kernels kernels_baseline = {"baseline", isa_baseline::encode_range, isa_baseline::decode_range, isa_baseline::reduce_range};
 }

@@ -26,8 +26,6 @@ from iota.errors import CodecError
 from iota.net import Refused
 
 log = logging.getLogger(__name__)
-GRAM_CHUNK = 4096
-
 
 class Refusal(Refused):
     """Why a holder will not take or serve something; the caller gets it as a PeerError."""
@@ -69,33 +67,17 @@ def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str 
     return digest or hashlib.sha256(frame).hexdigest()
 
 
-def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], numel: int, seed: int | None,
+def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], seed: int | None,
                 scratch: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec;
-    and the inner products of the decoded inputs (their Gram matrix, as float64).
+    and the inner products of the decoded inputs (their Gram matrix, float64).
 
     The mean follows the core's decode-accumulate contract, so every holder writes the same
-    bytes. The Gram matrix only feeds validators' tolerant checks: an fp32 matrix product
-    (relative error ~1e-6 here) is 10-15x cheaper than one in float64. `scratch` is fp32 room
-    for (len(inputs) + 1) * numel values, reused from part to part: fresh pages cost more
-    to fault in than the decoding itself."""
-    room = scratch[: (len(inputs) + 1) * numel].view(len(inputs) + 1, numel)
-    acc, decoded = room[0].zero_(), room[1:]
-    for row, (frame, weight) in zip(decoded, inputs):
-        Codec.decode_accumulate(frame, acc, weight)
-        Codec.decode_into(frame, row)
-    return codec.encode(acc, seed=seed), gram(decoded).to(torch.float64)
-
-
-def gram(rows: torch.Tensor) -> torch.Tensor:
-    """rows @ rows.T for a few very long rows, as a sum of products over chunks of
-    GRAM_CHUNK columns: BLAS does a 4 x 1 Mi product 2x slower in one piece."""
-    k, numel = rows.shape
-    whole = numel - numel % GRAM_CHUNK
-    # (chunks, k, GRAM_CHUNK) over the rows' own memory: no copy.
-    chunks = rows.as_strided((whole // GRAM_CHUNK, k, GRAM_CHUNK), (GRAM_CHUNK, rows.stride(0), 1))
-    tail = rows[:, whole:]
-    return torch.bmm(chunks, chunks.transpose(1, 2)).sum(0) + tail @ tail.T
+    bytes; each input is decoded once for both. `scratch` is the fp32 sum, reused from part
+    to part: fresh pages cost more to fault in than the decoding itself."""
+    acc = scratch.zero_()
+    products = Codec.decode_reduce([frame for frame, _ in inputs], [weight for _, weight in inputs], acc)
+    return codec.encode(acc, seed=seed), products
 
 
 class HolderRound:
@@ -261,13 +243,13 @@ class HolderRound:
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
                 return
             largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
-            scratch = huge_page_tensor((len(order) + 1) * largest)
+            room = huge_page_tensor(largest)
             for p in parts:
                 inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
                 part = self.plan.parts[p]
                 seed = stochastic_seed(self.plan, "mean", p)
                 self.results[p], gram = await asyncio.to_thread(
-                    reduce_part, self.plan.codec, inputs, part.end - part.begin, seed, scratch
+                    reduce_part, self.plan.codec, inputs, seed, room[: part.end - part.begin]
                 )
                 self.grams[shard] = self.grams.get(shard, 0) + gram
                 del self.frames[p]  # the inputs are no longer needed

@@ -106,6 +106,20 @@ class Codec(CodecSpec):
         _C.decode_accumulate(view, byte_view(acc, "accumulator"), float(weight), threads)
 
     @staticmethod
+    def decode_reduce(frames, weights, acc, *, threads: int = 0) -> torch.Tensor:
+        """acc += weights[i] * decoded frames[i], in order, with the same bytes as calling
+        decode_accumulate on each; returns the decoded frames' inner products (their Gram
+        matrix, float64). Each frame is decoded once (CPU only). The frames must share one
+        codec and size."""
+        acc = as_tensor(acc)
+        if acc.dtype != torch.float32:
+            raise CodecError(f"the accumulator must be float32, not {acc.dtype}")
+        gram = torch.zeros(len(frames), len(frames), dtype=torch.float64)
+        _C.decode_reduce([frame_view(f) for f in frames], [float(w) for w in weights], byte_view(acc, "accumulator"),
+                         byte_view(gram, "gram"), threads)
+        return gram
+
+    @staticmethod
     def header(frame) -> dict:
         """A validated frame's header: codec, dtype, shape and section lengths."""
         return _C.parse(frame_view(frame))
