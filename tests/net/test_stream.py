@@ -4,7 +4,6 @@ btauth/1 signatures, and raw sockets for what an honest client never sends."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ from bittensor import http_auth
 
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
-from iota.net.stream import HEADER, MAGIC
+from iota.net.stream import EMPTY_DIGEST, HEADER, MAGIC, payload_digest
 
 LIMIT = 4 << 20
 TIMEOUT = 30.0
@@ -88,7 +87,7 @@ def test_payload_round_trips_exactly_and_the_port_still_serves_http(keys, chain,
             assert len(client._idle[("127.0.0.1", int(url.rsplit(":", 1)[1]))]) == 1
         finally:
             client.close()
-        assert echo.seen == [("miner", "/echo?x=1", size, hashlib.sha256(payload).hexdigest())] * 3
+        assert echo.seen == [("miner", "/echo?x=1", size, payload_digest(payload))] * 3
         async with aiohttp.ClientSession() as session:
             signed = SignedClient(keys.miner, session)
             assert (await signed.get_json(url, "/hello", receiver=keys.server.ss58_address, timeout=TIMEOUT)) == {
@@ -191,7 +190,7 @@ async def _raw_exchange(url: str, data: bytes) -> dict:
 
 def test_tampered_unsigned_and_replayed_requests_are_refused(keys, chain):
     payload = b"the frame"
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = payload_digest(payload)
 
     async def body(url: str, echo: Echo) -> None:
         headers = http_auth.sign(keys.miner, method="POST", path="/echo", body=bytes.fromhex(digest),
@@ -262,3 +261,10 @@ def test_a_connection_that_never_speaks_is_closed_after_the_bound(keys, chain):
             writer.close()
 
     run(keys, chain, body, idle=0.3)
+
+
+def test_the_signed_digest_is_blake3_256():
+    # BLAKE3's published test value for b"abc" and the empty input: a peer on another build must agree.
+    assert payload_digest(b"abc") == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+    assert EMPTY_DIGEST == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    assert payload_digest(memoryview(bytearray(b"abc"))) == payload_digest(b"abc")

@@ -16,7 +16,6 @@ contributors, gather the reduced shards.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import NetError, PeerError, SignedClient, StreamClient
+from iota.net.stream import payload_digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,11 +171,11 @@ class ButterflyRound:
         await run_all(send(i, part) for i, part in enumerate(order))
 
     def _encode(self, sent: int, part: Part) -> tuple[bytes, str]:
-        """The frame of `part` to send and its sha256, which both holders' signatures cover."""
+        """The frame of `part` to send and its digest, which both holders' signatures cover."""
         seed = stochastic_seed(self.plan, self.me, part.index)
         frame = self.plan.codec.encode(self.vector[part.begin : part.end], seed=seed)
         frame = self.faults.tamper(sent, frame)
-        return frame, hashlib.sha256(frame).hexdigest()
+        return frame, payload_digest(frame)
 
     async def _deliver(self, holder: str, part: Part, frame: bytes, digest: str) -> None:
         if holder in self.unreachable or holder in self.closed_early:

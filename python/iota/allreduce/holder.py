@@ -24,6 +24,7 @@ from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import Refused
+from iota.net.stream import payload_digest
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def stochastic_seed(plan: RoundPlan, who: str, part: int) -> int | None:
 
 
 def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str | None = None) -> str:
-    """Validate a received part (checksum, shape, codec) and return its sha256 (`digest`
-    when the transport has already checked the frame against it)."""
+    """Validate a received part (checksum, shape, codec) and return its digest (`digest`
+    when the transport has already checked the frame against it): `payload_digest`, as streams sign."""
     header = Codec.header(frame)  # FrameError on a bad checksum or a truncated frame
     expected = codec.header_fields()
     got = {key: header[key] for key in ("kind", "bits", "block", "flags")}
@@ -64,7 +65,7 @@ def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str 
             f"part {part.index} has shape {tuple(header['shape'])} (dtype code {header['dtype']}); "
             f"expected ({part.end - part.begin},) float32"
         )
-    return digest or hashlib.sha256(frame).hexdigest()
+    return digest or payload_digest(frame)
 
 
 def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], seed: int | None,
@@ -119,7 +120,7 @@ class HolderRound:
         self, sender: str, part: int, weight: float, frame: bytes | bytearray, *, remote: bool, digest: str | None = None
     ) -> None:
         """Keep `sender`'s frame of `part`; a bad one excludes the sender from the round.
-        `digest` is the frame's sha256 if the caller computed it."""
+        `digest` is the frame's `payload_digest` if the caller computed it."""
         if self.have is not None:
             raise Refusal(409, "Closed", f"{self.me} closed round {self.plan.group.round_id} already")
         if sender in self.bad:

@@ -6,7 +6,7 @@ stream request is the same btauth/1-signed request with less around it: on a
 connection opened by `StreamClient`, each request is
 
     header  struct "!IQ": length of the meta, length of the payload
-    meta    JSON {"method", "path", "headers": the btauth/1 headers, "digest": sha256 hex of the payload}
+    meta    JSON {"method", "path", "headers": the btauth/1 headers, "digest": BLAKE3 hex of the payload}
     payload the body
 
 and each answer the same header, meta {"status", and "error"/"detail" when refused}
@@ -14,7 +14,10 @@ and payload. The signature covers the method, the path and the payload's
 digest (the signed "body" is the 32 raw digest bytes), so the server checks
 the signature, freshness, replay, receiver and the sender's registration
 before it reads a payload byte, reads the payload straight into its own
-buffer, then checks the payload against the digest once. A connection
+buffer, then checks the payload against the digest once. The digest is
+BLAKE3-256: as strong as sha256 for this, and 2.2x faster here (3.2 against
+1.45 GB/s), which matters as every byte of an all-reduce part is hashed by its
+sender and by each receiver. A connection
 carries one request at a time; clients open more connections for more at once.
 
 Streams share the HTTP server's port: a connection whose first byte is
@@ -27,13 +30,13 @@ limit: then the connection ends.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+import blake3
 from bittensor import http_auth
 from bittensor.signing import resolve_signer
 
@@ -50,7 +53,7 @@ HEADER = struct.Struct("!IQ")
 MAX_META = 64 << 10
 DISCARD_PIECE = 1 << 20
 DISCARD_FACTOR = 4
-EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+EMPTY_DIGEST = blake3.blake3(b"").hexdigest()
 
 
 class ConnectionClosed(NetError):
@@ -168,7 +171,8 @@ class Connection(asyncio.BufferedProtocol):
 
 
 def payload_digest(payload: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(payload).hexdigest()
+    """The digest a stream request's signature covers: BLAKE3-256, hex."""
+    return blake3.blake3(payload).hexdigest()
 
 
 # -- server ----------------------------------------------------------------------------
@@ -176,7 +180,7 @@ def payload_digest(payload: bytes | bytearray | memoryview) -> str:
 
 @dataclass(frozen=True)
 class StreamRequest:
-    """A verified stream request: `payload`'s sha256 is `digest`, and `sender` signed both."""
+    """A verified stream request: `payload_digest(payload)` is `digest`, and `sender` signed both."""
 
     sender: Neuron
     method: str
@@ -227,7 +231,7 @@ async def _answer(
         try:
             signed_body = bytes.fromhex(digest)
         except (TypeError, ValueError):
-            raise Refused(400, "BadMessage", "a request carries its payload's sha256 as hex") from None
+            raise Refused(400, "BadMessage", "a request carries its payload's BLAKE3 digest as hex") from None
         limit = service.limit(method, path)
         if payload_len > limit:
             raise Refused(413, "BodyTooLarge", f"body exceeds this route's {limit}-byte limit")
@@ -289,7 +293,7 @@ class StreamClient:
         max_response: int,
     ) -> bytearray:
         """Send a signed request to the server at `address` (its HTTP base URL) and return
-        the answer's payload. `digest` is the payload's sha256 hex when the caller has it.
+        the answer's payload. `digest` is `payload_digest(payload)` when the caller has it.
         PeerError on a refusal, NetError if the server cannot be reached or `timeout`
         (seconds for the whole exchange) expires."""
         target = _host_port(address)
