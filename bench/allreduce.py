@@ -6,7 +6,8 @@ signing, no compression, no fault tolerance), then with iota.allreduce for
 each codec. Per codec: seconds per round (from the last peer joining to the
 last one finishing, as gloo is timed from a barrier; median over --repeats)
 beside gloo's, the CPU seconds all peers spent in it (summed; beside
-seconds x cores this tells a CPU-bound round from a link-bound one), and
+seconds x cores this tells a CPU-bound round from a link-bound one), the
+slowest peer's seconds in each phase (scatter, decide, gather), and
 body bytes each peer sent and received per round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
 the fp32 vector. Prints JSON lines.
 
@@ -237,12 +238,14 @@ def main() -> None:
         lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
-        seconds, cpu, sent, received, failures = [], [], [], [], []
+        seconds, cpu, sent, received, failures, phases = [], [], [], [], [], []
         for round_id in round_ids:
             round_lines = [next(x for x in lines[i] if x.get("round_id") == round_id) for i in range(world)]
             per_peer = [x["report"] for x in round_lines]
             cpu.append(sum(x["cpu_seconds"] for x in round_lines))
             failures += [r["error"] for r in per_peer if r["error"]]
+            # The slowest peer's phases: where the round's wall time went.
+            phases.append(max(per_peer, key=lambda r: r["duration"])["phases"])
             # Like gloo's barrier: from the moment the last peer joined to the moment the last one finished.
             last_join = max(r["started_at"] for r in per_peer)
             seconds.append(max(r["started_at"] + r["duration"] for r in per_peer) - last_join)
@@ -257,6 +260,7 @@ def main() -> None:
             "bench": "iota.allreduce", "link": link, "codec": codec, "seconds": median, "rounds": seconds,
             "gloo_seconds": gloo_seconds, "time_vs_gloo": median / gloo_seconds,
             "cpu_seconds_all_peers": statistics.median(cpu),
+            "phase_seconds_slowest_peer": {p: statistics.median(x.get(p, 0.0) for x in phases) for p in phases[0]},
             "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
             "sent_vs_optimal_fp32": statistics.mean(sent) / optimal,
             "sent_vs_optimal_same_codec": statistics.mean(sent) / (2 * (world - 1) / world * frame_bytes),
