@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "codec_math.h"
 #include "kernels.h"
@@ -353,7 +354,8 @@ static void reduce_range(const ReduceJob& job, int64_t r0, int64_t r1, double* g
   const int64_t unit = first.kind == KIND_INT ? first.block : kMaxBlock;
   const int64_t window = std::max<int64_t>(1, kMaxBlock / unit);
   const int k = job.k;
-  float* values = new float[(size_t)k * kMaxBlock];
+  std::vector<float> window_values((size_t)k * kMaxBlock);
+  float* values = window_values.data();
   for (int64_t u0 = r0; u0 < r1; u0 += window) {
     const int64_t u1 = std::min(r1, u0 + window);
     const int64_t start = u0 * unit, n = std::min(first.numel, u1 * unit) - start;
@@ -373,7 +375,6 @@ static void reduce_range(const ReduceJob& job, int64_t r0, int64_t r1, double* g
       for (int j = i; j < k; j++)
         gram[i * k + j] += dot(values + (size_t)i * kMaxBlock, values + (size_t)j * kMaxBlock, n);
   }
-  delete[] values;
 }
 
 }  // namespace IOTA_ISA_NS

@@ -252,10 +252,17 @@ void encode_payload(const FrameSpec& s, const FrameLayout& l, const void* src, u
     throw CodecError("a block's range overflows fp16 scales (|x| too large); use scale_dtype='fp32'");
 }
 
+namespace {
+DecodeJob decode_job(const FrameSpec& s, const FrameLayout& l, const uint8_t* frame, void* out, uint8_t out_dtype,
+                     float* acc, float weight) {
+  return DecodeJob{frame + l.scales_off, frame + l.codes_off, s.dtype, (int64_t)s.numel, s.kind, s.bits,
+                   (int64_t)s.block, s.flags, out, out_dtype, acc, weight};
+}
+}  // namespace
+
 void decode_payload(const FrameSpec& s, const FrameLayout& l, const uint8_t* frame, void* out, uint8_t out_dtype,
                     float* acc, float weight, int threads) {
-  DecodeJob job{frame + l.scales_off, frame + l.codes_off, s.dtype, (int64_t)s.numel, s.kind, s.bits,
-                (int64_t)s.block, s.flags, out, out_dtype, acc, weight};
+  const DecodeJob job = decode_job(s, l, frame, out, out_dtype, acc, weight);
   const Kernels& k = *g_kernels;
   parallel_ranges(work_units(s.kind, job.numel, job.block), s.kind == KIND_INT ? job.block : kMaxBlock, threads,
                   [&](int64_t r0, int64_t r1) { k.decode(job, r0, r1); });
@@ -267,12 +274,7 @@ void reduce_payloads(const std::vector<FrameSpec>& specs, const std::vector<Fram
   const int k = (int)frames.size();
   if (k == 0) return;
   std::vector<DecodeJob> jobs;
-  for (int i = 0; i < k; i++) {
-    const FrameSpec& s = specs[i];
-    const FrameLayout& l = layouts[i];
-    jobs.push_back(DecodeJob{frames[i] + l.scales_off, frames[i] + l.codes_off, s.dtype, (int64_t)s.numel, s.kind,
-                             s.bits, (int64_t)s.block, s.flags, nullptr, DT_F32, nullptr, 0.0f});
-  }
+  for (int i = 0; i < k; i++) jobs.push_back(decode_job(specs[i], layouts[i], frames[i], nullptr, DT_F32, nullptr, 0.0f));
   const ReduceJob job{jobs.data(), weights, k, acc};
   const Kernels& kernels = *g_kernels;
   const FrameSpec& s = specs[0];
