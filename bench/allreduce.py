@@ -252,7 +252,7 @@ def main() -> None:
             traffic = [next(x for x in lines[i] if x.get("drained"))["traffic"][round_id] for i in range(world)]
             sent.append(statistics.mean(t["sent"] for t in traffic))
             received.append(statistics.mean(t["received"] for t in traffic))
-        digests = {x["frames_sha256"] for i in range(world) for x in lines[i]
+        digests = {x["frames_digest"] for i in range(world) for x in lines[i]
                    if x.get("ok") and x["round_id"].startswith(f"c{c}-")}
         frame_bytes = Codec.from_string(codec).frame_size((n,))
         median = statistics.median(seconds)

@@ -172,7 +172,7 @@ void decode_accumulate(py::handle frame, py::handle acc, float weight, int threa
 }
 
 void decode_reduce(const std::vector<py::handle>& frames, const std::vector<float>& weights, py::handle acc,
-                   py::handle gram, int threads) {
+                   py::handle gram, int threads, bool verify) {
   const size_t k = frames.size();
   if (weights.size() != k) throw CodecError(std::to_string(k) + " frames but " + std::to_string(weights.size()) + " weights");
   std::vector<std::unique_ptr<Buffer>> views;
@@ -185,7 +185,7 @@ void decode_reduce(const std::vector<py::handle>& frames, const std::vector<floa
   std::vector<FrameLayout> layouts(k);
   std::vector<const uint8_t*> data(k);
   for (size_t i = 0; i < k; i++) {
-    specs[i] = parse_frame(views[i]->data(), views[i]->size(), &layouts[i]);
+    specs[i] = parse_frame(views[i]->data(), views[i]->size(), &layouts[i], verify);
     data[i] = views[i]->data();
     const FrameSpec &s = specs[i], &s0 = specs[0];
     if (s.kind != s0.kind || s.bits != s0.bits || s.block != s0.block || s.flags != s0.flags || s.numel != s0.numel ||
@@ -259,9 +259,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_accumulate", &decode_accumulate, py::arg("frame"), py::arg("acc"), py::arg("weight"),
         py::arg("threads") = 0, "acc (fp32) += weight * decoded, fused.");
   m.def("decode_reduce", &decode_reduce, py::arg("frames"), py::arg("weights"), py::arg("acc"), py::arg("gram"),
-        py::arg("threads") = 0,
+        py::arg("threads") = 0, py::arg("verify") = true,
         "acc (fp32) += weights[i] * decoded frames[i] in order, as repeated decode_accumulate; gram (float64 k x k) "
-        "= the decoded frames' inner products. One decode per frame.");
+        "= the decoded frames' inner products. One decode per frame; verify=false skips the checksums (frames "
+        "already checked).");
   m.def("frame_layout", &frame_layout, py::arg("dtype"), py::arg("shape"), py::arg("kind"), py::arg("bits"),
         py::arg("block"), py::arg("flags"), py::arg("seed"),
         "Header bytes and section offsets of a frame, for backends that fill scales and codes themselves.");

@@ -62,7 +62,7 @@ def check_round(swarm: Swarm, round_index: int, survivors: list[int]) -> dict:
     results = swarm.round_results(round_index, survivors)
     for i, line in results.items():
         assert line["ok"], f"peer {i}: {line.get('error')}"
-    assert len({line["frames_sha256"] for line in results.values()}) == 1
+    assert len({line["frames_digest"] for line in results.values()}) == 1
     assert len({line["mean_xxh64"] for line in results.values()}) == 1
     reports = [line["report"] for line in results.values()]
     for key in ("contributors", "excluded", "decision", "fingerprint"):

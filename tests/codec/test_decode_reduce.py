@@ -86,3 +86,17 @@ def test_mismatched_inputs_are_refused_and_the_sum_is_untouched():
     with pytest.raises(Exception, match="checksum"):
         Codec.decode_reduce([int8[0], bytes(corrupt)], [1.0, 1.0], acc)
     assert torch.equal(acc, torch.zeros(1000))
+
+
+def test_verify_false_skips_only_the_checksum():
+    frames = frames_of("int8/b64", 1000, 2)
+    stale = bytearray(frames[1])
+    stale[-1] ^= 1  # the checksum itself: the payload is intact
+    expected, acc = torch.zeros(1000), torch.zeros(1000)
+    reference = Codec.decode_reduce(frames, [0.5, 0.5], expected)
+    with pytest.raises(Exception, match="checksum"):
+        Codec.decode_reduce([frames[0], bytes(stale)], [0.5, 0.5], acc)
+    gram = Codec.decode_reduce([frames[0], bytes(stale)], [0.5, 0.5], acc, verify=False)
+    assert acc.numpy().tobytes() == expected.numpy().tobytes() and torch.equal(gram, reference)
+    with pytest.raises(CodecError, match="not encoded like frame 0"):  # the structure is still checked
+        Codec.decode_reduce([frames[0], frames_of("int8/b64", 999, 1)[0]], [0.5, 0.5], acc, verify=False)

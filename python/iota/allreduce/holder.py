@@ -74,10 +74,12 @@ def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], see
     and the inner products of the decoded inputs (their Gram matrix, float64).
 
     The mean follows the core's decode-accumulate contract, so every holder writes the same
-    bytes; each input is decoded once for both. `scratch` is the fp32 sum, reused from part
-    to part: fresh pages cost more to fault in than the decoding itself."""
+    bytes; each input is decoded once for both. The inputs' checksums were verified on
+    receipt (`check_frame`). `scratch` is the fp32 sum, reused from part to part: fresh
+    pages cost more to fault in than the decoding itself."""
     acc = scratch.zero_()
-    products = Codec.decode_reduce([frame for frame, _ in inputs], [weight for _, weight in inputs], acc)
+    frames, weights = [frame for frame, _ in inputs], [weight for _, weight in inputs]
+    products = Codec.decode_reduce(frames, weights, acc, verify=False)
     return codec.encode(acc, seed=seed), products
 
 

@@ -106,17 +106,18 @@ class Codec(CodecSpec):
         _C.decode_accumulate(view, byte_view(acc, "accumulator"), float(weight), threads)
 
     @staticmethod
-    def decode_reduce(frames, weights, acc, *, threads: int = 0) -> torch.Tensor:
+    def decode_reduce(frames, weights, acc, *, threads: int = 0, verify: bool = True) -> torch.Tensor:
         """acc += weights[i] * decoded frames[i], in order, with the same bytes as calling
         decode_accumulate on each; returns the decoded frames' inner products (their Gram
         matrix, float64). Each frame is decoded once (CPU only). The frames must share one
-        codec and size."""
+        codec and size. `verify=False` skips their checksums, for frames checked already
+        (`Codec.header`) and kept unchanged since: the structure is still validated."""
         acc = as_tensor(acc)
         if acc.dtype != torch.float32:
             raise CodecError(f"the accumulator must be float32, not {acc.dtype}")
         gram = torch.zeros(len(frames), len(frames), dtype=torch.float64)
         _C.decode_reduce([frame_view(f) for f in frames], [float(w) for w in weights], byte_view(acc, "accumulator"),
-                         byte_view(gram, "gram"), threads)
+                         byte_view(gram, "gram"), threads, verify)
         return gram
 
     @staticmethod
