@@ -82,6 +82,27 @@ def test_four_peers_return_the_same_weighted_mean():
         assert torch.allclose(gram, exact_gram, rtol=1e-3, atol=10.0)
 
 
+def test_a_healthy_round_moves_each_part_once():
+    """Parts go to their owner only (the owner's own to its backup too), and each mean
+    part to the three others: no backup copies, no pulls."""
+
+    async def main():
+        async with local_peers(4) as peers:
+            group = group_of(peers, "once")
+            codec = Codec.from_string("int8/b64")
+            await asyncio.gather(*(p.allreduce(group, x, 1.0, codec) for p, x in zip(peers, vectors(4, 200_000))))
+            await asyncio.gather(*(p.drain() for p in peers))  # every peer has served every request
+            plan = RoundPlan(group, 200_000, codec, CONFIG.part_bytes)
+            return plan, {p.hotkey: p.traffic("once") for p in peers}
+
+    plan, traffic = asyncio.run(main())
+    vector_frames = sum(plan.frame_bytes(s) for s in range(plan.size))
+    for shard, owner in enumerate(plan.members):
+        parts = vector_frames + 3 * plan.frame_bytes(shard)  # its parts of every shard, its shard's mean
+        assert parts <= traffic[owner]["sent"] < parts + 20_000  # + have-sets, decisions, Gram matrices
+        assert parts <= traffic[owner]["received"] < parts + 20_000
+
+
 def test_the_mean_can_land_in_the_callers_buffer_round_after_round():
     async def main():
         async with local_peers(2) as peers:

@@ -57,8 +57,13 @@ def test_expected_bytes_are_exact_frame_sizes():
     codec = Codec.from_string("int4/b64")
     plan = RoundPlan(group(), 100_000, codec, part_bytes=8192)
     holder = plan.members[2]
-    frames = [codec.frame_size((p.end - p.begin,)) for p in plan.parts if p.shard in plan.held_by(holder)]
-    assert plan.expected_bytes(holder) == 3 * sum(frames)
+    owned = [codec.frame_size((p.end - p.begin,)) for p in plan.parts if p.shard == 2]
+    backed = [codec.frame_size((p.end - p.begin,)) for p in plan.parts if p.shard == 1]
+    # The three others' parts of the shard it owns; the owner's parts of the shard it backs up.
+    assert plan.expected_bytes(holder) == 3 * sum(owned) + sum(backed)
+    assert plan.frame_bytes(2) == sum(owned)
+    assert plan.targets(plan.members[2], 2) == [plan.members[2], plan.members[3]]
+    assert plan.targets(plan.members[0], 2) == [plan.members[2]]
 
 
 def test_the_fingerprint_covers_what_the_plan_depends_on():

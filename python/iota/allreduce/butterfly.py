@@ -1,15 +1,17 @@
 """One peer's side of a round: scatter parts to holders, agree on the
 contributors, gather the reduced shards.
 
-1. Scatter: each part of shard s goes, encoded, to its owner and its backup.
-2. Decide: read the closed have-sets of the holders, propose the contributors
-   whose parts of every shard some live holder has in full
-   (`decision.propose`), then write the proposal to every holder's write-once
+1. Scatter: each part of shard s goes, encoded, to its owner (the owner's own
+   parts to the backup as well); this peer keeps every frame it sent.
+2. Decide: read the closed have-sets of the holders (asking the backup of a
+   shard whose owner is gone for its full have-set: it pulls the parts from
+   their senders), propose the contributors whose parts of every shard some
+   live holder has in full (`decision.propose`), then write the proposal to every holder's write-once
    register in sorted order, adopting what the first register that answers
    holds; a later register holding anything else fails the round. Every peer
    does this, so the first live register settles it for all of them.
-3. Gather: fetch each part of the mean from a holder (this peer, else the
-   owner, else the backup) under that decision, checking it is that decision;
+3. Gather: fetch each part of the mean from its owner, else its backup, under
+   that decision, checking it is that decision;
    then the inner products of the contributions to each shard (for validators).
 """
 
@@ -89,6 +91,7 @@ class ButterflyRound:
         self.gram: list[list[float]] | None = None
         self.timings: dict[str, float] = {}
         self.started_at = 0.0
+        holder.fetch = self.fetch_contribution
 
     async def run(self, started: float) -> AllReduceResult:
         """The round's result; `started` is when the caller asked (time.monotonic)."""
@@ -163,7 +166,9 @@ class ButterflyRound:
             nonlocal delivered
             async with slots:
                 frame, digest = await asyncio.to_thread(self._encode, sent, part)
-                await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in self.plan.holders(part.shard)))
+                self.holder.keep(part.index, frame, digest)
+                targets = self.plan.targets(self.me, part.shard)
+                await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in targets))
             delivered += 1
             if delivered == len(order) // 2:
                 self.faults.reached("mid_send")
@@ -171,7 +176,7 @@ class ButterflyRound:
         await run_all(send(i, part) for i, part in enumerate(order))
 
     def _encode(self, sent: int, part: Part) -> tuple[bytes, str]:
-        """The frame of `part` to send and its digest, which both holders' signatures cover."""
+        """The frame of `part` to send and its digest, which every request carrying it signs."""
         seed = stochastic_seed(self.plan, self.me, part.index)
         frame = self.plan.codec.encode(self.vector[part.begin : part.end], seed=seed)
         frame = self.faults.tamper(sent, frame)
@@ -204,8 +209,16 @@ class ButterflyRound:
         # A holder we could not deliver to (dead, or it joined too late) has an
         # incomplete have-set at best; waiting for it would only delay the round.
         holders = [h for h in self.plan.active_holders if h not in self.unreachable]
-        answers = await run_all(self._have(h) for h in holders)
+        asked = {h: self._orphans(h) for h in holders}
+        answers = await run_all(self._have(h, asked[h]) for h in holders)
         haves = {h: have for h, have in zip(holders, answers) if have is not None}
+        # An owner lost while we read: its backup's answer lacks the other senders of that shard.
+        again = [h for h in haves if self._orphans(h) != asked[h]]
+        for h, have in zip(again, await run_all(self._have(h, self._orphans(h)) for h in again)):
+            if have is None:
+                del haves[h]
+            else:
+                haves[h] = have
         recorded = [have.decision for have in haves.values() if have.decision is not None]
         proposal = recorded[0] if recorded else propose(self.plan, haves)
         decision: Decision | None = None
@@ -226,13 +239,22 @@ class ButterflyRound:
             raise RoundFailed(f"no holder could record the decision: {self.unreachable}")
         return decision
 
-    async def _have(self, holder: str) -> HaveSet | None:
+    def _orphans(self, holder: str) -> list[int]:
+        """The shards `holder` backs up whose owner we cannot reach."""
+        owners = (self.plan.members[s] for s in self.plan.held_by(holder))
+        return [s for s, owner in zip(self.plan.held_by(holder), owners) if owner != holder and owner in self.unreachable]
+
+    async def _have(self, holder: str, full: list[int]) -> HaveSet | None:
+        """`holder`'s have-set; for the shards in `full` it first pulls every sender's parts."""
         try:
             if holder == self.me:
-                return await self.holder.have_set()
-            # The holder answers once it closes: at most its own deadline bound after opening.
-            timeout = self.config.wait_bound(self.plan.expected_bytes(holder)) + self.config.floor
-            body = await self._call(holder, "GET", self._path("have"), b"", timeout)
+                return await self.holder.have_set(full)
+            # The holder answers once it closes (at most its own deadline bound after opening)
+            # and has pulled the shards in `full` from their senders.
+            pulled = sum(self.plan.frame_bytes(s) for s in full) * self.plan.size
+            timeout = self.config.wait_bound(self.plan.expected_bytes(holder) + pulled) + self.config.floor
+            path = self._path("have", full=",".join(map(str, full))) if full else self._path("have")
+            body = await self._call(holder, "GET", path, b"", timeout)
             return HaveSet.from_json(json.loads(body))
         except (Refusal, NetError, ValueError) as exc:
             self._lost(holder, "read the have-set of", exc)
@@ -310,9 +332,15 @@ class ButterflyRound:
         return torch.stack(grams).sum(0).tolist()  # type: ignore[arg-type]
 
     def _sources(self, shard: int) -> list[str]:
-        """Where to fetch a shard: here if we hold it, then owner, then backup; known-dead last."""
-        holders = sorted(self.plan.holders(shard), key=lambda h: h != self.me)
-        return sorted(holders, key=lambda h: h in self.unreachable)
+        """Where to fetch a shard: the owner, then the backup (which may have to pull the
+        contributions first, even if it is this peer); known-dead last."""
+        return sorted(self.plan.holders(shard), key=lambda h: h in self.unreachable)
+
+    async def fetch_contribution(self, sender: str, part: int) -> bytes | bytearray:
+        """`sender`'s own frame of `part`, for this peer's holder (which checks it)."""
+        frame_bytes = self.plan.parts[part].frame_bytes
+        path = self._path(f"contributions/{part}")
+        return await self._stream(sender, "GET", path, self.config.wait_bound(frame_bytes), max_response=frame_bytes)
 
     async def _result(self, holder: str, part: Part, decision: Decision) -> bytes | bytearray:
         if holder == self.me:

@@ -26,8 +26,9 @@ class AllReduceConfig:
     machine 4 MiB parts made int8 rounds 22% faster and raw ones 26% faster
     than 1 MiB parts (8 MiB gained nothing more; bench/allreduce.py).
 
-    `max_inflight`: parts encoded and in flight at once; each goes to two
-    holders, so a peer holds at most this many encoded parts in memory.
+    `max_inflight`: parts encoded and in flight at once (a part goes to its
+    owner, and to the backup too when this peer is the owner). A peer keeps
+    every frame it sent until the round retires, for a backup that may pull it.
 
     `floor` (seconds): the least any wait lasts. It covers what does not scale
     with bytes: connection setup, scheduling, a GC pause, and peers joining a

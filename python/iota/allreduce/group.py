@@ -94,8 +94,11 @@ def elements_per_part(codec: Codec, block: int, part_bytes: int) -> int:
 class RoundPlan:
     """Shards, parts and holders of a round, identical on every peer.
 
-    Shard s is owned by member s (sorted order) and backed up by member s+1:
-    both holders receive every sender's parts of s, so either can serve it.
+    Shard s is owned by member s (sorted order) and backed up by member s+1.
+    Every sender's parts of s go to the owner only; the owner's own parts go
+    to the backup too, as nobody else has them. A backup pulls the others'
+    parts from their senders (who keep what they sent) only if the owner is
+    lost, so a healthy round moves each part once.
     """
 
     def __init__(self, group: Group, numel: int, codec: Codec, part_bytes: int) -> None:
@@ -127,6 +130,11 @@ class RoundPlan:
         backup = self.members[(shard + 1) % self.size]
         return [owner] if backup == owner else [owner, backup]
 
+    def targets(self, sender: str, shard: int) -> list[str]:
+        """Where `sender` sends its parts of `shard`: the owner, and the backup if it is the owner."""
+        holders = self.holders(shard)
+        return holders if sender == holders[0] else holders[:1]
+
     def held_by(self, hotkey: str) -> list[int]:
         """The non-empty shards `hotkey` owns or backs up."""
         return [s for s in range(self.size) if self.shard_parts[s] and hotkey in self.holders(s)]
@@ -148,9 +156,21 @@ class RoundPlan:
         # Asked for every request's deadline: summed once, not per part.
         return {h: sum(self.parts[p].frame_bytes for p in self.held_parts(h)) for h in self.members}
 
+    def frame_bytes(self, shard: int) -> int:
+        """Bytes of one sender's frames of `shard`."""
+        return sum(self.parts[p].frame_bytes for p in self.shard_parts[shard])
+
     def expected_bytes(self, hotkey: str) -> int:
-        """Bytes `hotkey` receives over the network as a holder (everyone's parts but its own)."""
-        return self.shard_bytes(hotkey) * (self.size - 1)
+        """Bytes `hotkey` receives over the network as a holder when nobody fails: the
+        others' parts of the shard it owns, the owner's of the shard it backs up."""
+        return self._expected_bytes[hotkey]
+
+    @cached_property
+    def _expected_bytes(self) -> dict[str, int]:
+        return {
+            h: sum(self.frame_bytes(s) * (self.size - 1 if h == self.members[s] else 1) for s in self.held_by(h))
+            for h in self.members
+        }
 
     @cached_property
     def fingerprint(self) -> str:

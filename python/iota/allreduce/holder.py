@@ -1,8 +1,13 @@
-"""The holder role: keep every sender's parts of the shards this peer owns or
-backs up, close at the deadline, record the decision once, serve the mean.
+"""The holder role: keep the parts of the shards this peer owns or backs up,
+close at the deadline, record the decision once, serve the mean; and keep
+what this peer sent, for a backup that has to pull it.
 
-Holders keep frames, not a running sum, so a sender can still be dropped
-after its parts arrived (because they did not reach the other holder).
+A backup gets only its owner's parts. When the owner is lost, the backup
+pulls the other senders' parts from them: for a peer that asks for the full
+have-set of the shard (it found the owner gone before the decision), or to
+reduce the decided contributions (the owner died after it). Holders keep
+frames, not a running sum, so a sender can still be dropped after its parts
+arrived (because they did not reach every shard).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +29,7 @@ from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
-from iota.net import Refused
+from iota.net import NetError, Refused
 from iota.net.stream import payload_digest
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,10 @@ class HolderRound:
         self.traffic = Traffic()
         self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
         self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
+        self.sent: dict[int, tuple[bytes, str]] = {}  # this peer's frames (and digests) of every part
+        # How to get `sender`'s frame of a part from it (set by the round; `pull` uses it).
+        self.fetch: Callable[[str, int], Awaitable[bytes | bytearray]] | None = None
+        self._pulls: dict[tuple[int, str], asyncio.Task[None]] = {}
         self.weights: dict[str, float] = {}
         self.bad: dict[str, str] = {}
         self.have: HaveSet | None = None
@@ -145,14 +155,19 @@ class HolderRound:
         if problem is not None:
             self._exclude(sender, problem)
             raise Refusal(400, "BadPart", self.bad[sender])
-        if sender in self.bad or sender in self.frames[part]:
-            return  # a duplicate keeps the first copy; an excluded sender's frame is dropped
-        self.frames[part][sender] = frame
-        self.digests[part][sender] = digest
+        if sender in self.bad:
+            return  # an excluded sender's frame is dropped
+        self._store(sender, part, frame, digest)
         if remote:
             self._received += len(frame)
             self._last_arrival = time.monotonic()
         self._arrival.set()
+
+    def _store(self, sender: str, part: int, frame: bytes | bytearray, digest: str) -> None:
+        frames = self.frames.get(part)  # None once the part is reduced: nothing needs it any more
+        if frames is not None and sender not in frames:  # a duplicate keeps the first copy
+            frames[sender] = frame
+            self.digests[part][sender] = digest
 
     def _exclude(self, sender: str, reason: str) -> None:
         log.warning("round %s: excluding %s: %s", self.plan.group.round_id, sender, reason)
@@ -161,9 +176,73 @@ class HolderRound:
             frames.pop(sender, None)
         self._arrival.set()
 
+    def _expected(self, shard: int) -> set[str]:
+        """Who sends this holder its parts of `shard`: everyone to the owner, the owner to the backup."""
+        owner = self.plan.members[shard]
+        return (set(self.plan.members) if owner == self.me else {owner}) - set(self.bad)
+
     def _all_in(self) -> bool:
-        expected = set(self.plan.members) - set(self.bad)
-        return all(expected <= set(frames) for frames in self.frames.values())
+        return all(
+            self._expected(s) <= set(self.frames[p]) for s in self.shards for p in self.plan.shard_parts[s]
+        )
+
+    def _digest(self, shard: int, sender: str) -> str | None:
+        """The digest of all of `sender`'s parts of `shard` here, as decisions record it; None if some are missing."""
+        parts = self.plan.shard_parts[shard]
+        if sender in self.bad or any(sender not in self.digests[p] for p in parts):
+            return None
+        return hashlib.sha256("".join(self.digests[p][sender] for p in parts).encode()).hexdigest()[:32]
+
+    def _complete(self, shard: int) -> dict[str, str]:
+        """Every sender whose parts of `shard` are all here, with their digest."""
+        digests = {sender: self._digest(shard, sender) for sender in self.plan.members}
+        return {sender: digest for sender, digest in sorted(digests.items()) if digest is not None}
+
+    # -- what this peer sent, and pulling what others sent ----------------------
+
+    def keep(self, part: int, frame: bytes, digest: str) -> None:
+        """Remember this peer's frame of `part` for a backup that may pull it."""
+        self.sent[part] = (frame, digest)
+
+    def contribution(self, part: int) -> bytes:
+        """This peer's frame of `part`, for a holder pulling it."""
+        if part not in self.sent:
+            raise Refusal(404, "NotSent", f"{self.me} has not sent part {part} of round {self.plan.group.round_id}")
+        return self.sent[part][0]
+
+    async def pull(self, shard: int, senders: Iterable[str], *, again: bool = False) -> None:
+        """Fetch the parts of `shard` this holder lacks from `senders` themselves, checked as on
+        receipt; once per sender, or `again` after a pull that failed. A sender that cannot
+        deliver them just stays incomplete here: a frame taken after the close must not
+        exclude anyone, whose other parts a have-set already reported."""
+        tasks = []
+        for sender in senders:
+            if sender in self.bad or self._digest(shard, sender) is not None:
+                continue
+            previous = self._pulls.get((shard, sender))
+            if previous is None or (again and previous.done()):
+                task = asyncio.get_running_loop().create_task(self._pull_from(shard, sender))
+                self._pulls[shard, sender] = task
+                self._tasks.append(task)
+            tasks.append(self._pulls[shard, sender])
+        await asyncio.gather(*tasks)
+
+    async def _pull_from(self, shard: int, sender: str) -> None:
+        for p in self.plan.shard_parts[shard]:
+            if sender in self.digests[p]:
+                continue
+            try:
+                if sender == self.me:
+                    frame, digest = self.contribution(p), self.sent[p][1]
+                else:
+                    assert self.fetch is not None, "the round sets HolderRound.fetch"
+                    frame = await self.fetch(sender, p)
+                    digest = await asyncio.to_thread(check_frame, frame, self.plan.parts[p], self.plan.codec)
+            except (Refused, NetError, CodecError) as exc:
+                log.warning("round %s: %s cannot pull part %d from %s: %s", self.plan.group.round_id, self.me, p,
+                            sender, exc)
+                return
+            self._store(sender, p, frame, digest)
 
     # -- closing -------------------------------------------------------------
 
@@ -186,28 +265,32 @@ class HolderRound:
         """Freeze the have-set: from now on no part is taken."""
         if self.have is not None:
             return
-        shards: dict[int, dict[str, str]] = {}
-        for shard in self.shards:
-            parts = self.plan.shard_parts[shard]
-            complete = set.intersection(*(set(self.frames[p]) for p in parts)) - set(self.bad)
-            shards[shard] = {
-                sender: hashlib.sha256("".join(self.digests[p][sender] for p in parts).encode()).hexdigest()[:32]
-                for sender in sorted(complete)
-            }
+        shards = {shard: self._complete(shard) for shard in self.shards}
         self.have = HaveSet(shards, dict(self.weights), dict(self.bad), None)
         elapsed = time.monotonic() - self.opened
         log.info("round %s: %s closed after %.2fs with %s", self.plan.group.round_id, self.me, elapsed,
                  {s: len(d) for s, d in shards.items()})
         self._closed.set()
 
-    async def have_set(self) -> HaveSet:
-        """The frozen have-set (waiting for the close), with the decision if recorded."""
+    async def have_set(self, full: Iterable[int] = ()) -> HaveSet:
+        """The have-set frozen at the close (waiting for it), with the decision if recorded.
+
+        For each shard in `full` (the asker lost its owner) this holder first pulls
+        every sender's missing parts of it, and reports what it has then: one pull
+        per sender, so every asker gets the same answer."""
+        full = sorted(set(full))
+        if any(shard not in self.shards for shard in full):
+            raise Refusal(404, "NotHeld", f"{self.me} holds no shard {full} of round {self.plan.group.round_id}")
         try:
             await asyncio.wait_for(self._closed.wait(), self.config.wait_bound(self.plan.expected_bytes(self.me)))
         except asyncio.TimeoutError:
             raise Refusal(503, "NotClosed", f"{self.me} has not closed round {self.plan.group.round_id}") from None
         assert self.have is not None
-        return HaveSet(self.have.shards, self.have.weights, self.have.bad, self.decision)
+        shards = dict(self.have.shards)
+        if full and self.decision is None:
+            await asyncio.gather(*(self.pull(shard, self.plan.members) for shard in full))
+            shards.update({shard: self._complete(shard) for shard in full})
+        return HaveSet(shards, self.have.weights, self.have.bad, self.decision)
 
     # -- deciding and reducing -------------------------------------------------
 
@@ -238,11 +321,12 @@ class HolderRound:
         order = sorted(self.decision.contributors)
         total = math.fsum(self.decision.contributors[s] for s in order)
         try:
-            missing = [
-                sender for sender in order if self.have.shards[shard].get(sender) != self.decision.digests[shard].get(sender)
-            ]
+            decided = self.decision.digests[shard]
+            lacking = [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
+            await self.pull(shard, lacking, again=True)
+            missing = [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
             if missing:
-                # The other holder has them; this one must not serve a different mean.
+                # Nobody may serve a mean of anything else.
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
                 return
             largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
@@ -317,7 +401,7 @@ class HolderRound:
         """Keep serving after this peer's round ended: until every other member
         said it is done, or as long as the slowest member the round tolerates
         could still need (sending all it holds, then fetching it)."""
-        if not self.parts:
+        if not self.parts and not self.sent:
             return
         handled = self.plan.expected_bytes(self.me) + self.plan.shard_bytes(self.me) * self.plan.size
         bound = self.config.wait_bound(handled)
@@ -329,4 +413,5 @@ class HolderRound:
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        self.frames.clear()  # a backup nobody asked still holds every frame of its shard
+        self.frames.clear()
+        self.sent.clear()

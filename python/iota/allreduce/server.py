@@ -4,10 +4,12 @@ On streams (iota.net.stream: the bulk bytes, on persistent connections):
 
     POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
     GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
+    GET  /allreduce/{round}/contributions/{part}?fp=   this peer's own frame of a part (a backup pulls it)
 
 Over HTTP, on the same port (small JSON documents):
 
-    GET  /allreduce/{round}/have?fp=                   the closed have-set (waits for the close)
+    GET  /allreduce/{round}/have?fp=&full=             the closed have-set (waits for the close); `full`
+                                                       lists shards to pull from their senders first
     POST /allreduce/{round}/decision?fp=               write-once contributor decision (JSON)
     GET  /allreduce/{round}/grams/{shard}?fp=&decision=    inner products of the shard's contributions (JSON)
     POST /allreduce/{round}/done?fp=                   the sender fetches nothing more (holders may let go)
@@ -38,8 +40,8 @@ from iota.codec import Codec
 from iota.net import GuardConfig, StreamRequest, json_error, request_body, request_sender, route_policy, signed_app
 
 MAX_BLOCK = 4096  # the largest quantization block a codec accepts
-_STREAM_ROUTES = {"POST": "parts", "GET": "results"}
-_STREAM_PATH = re.compile(r"/allreduce/(?P<round>[^/]+)/(?P<what>parts|results)/(?P<part>[^/]+)")
+_STREAM_ROUTES = {("POST", "parts"), ("GET", "results"), ("GET", "contributions")}
+_STREAM_PATH = re.compile(r"/allreduce/(?P<round>[^/]+)/(?P<what>parts|results|contributions)/(?P<part>[^/]+)")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
@@ -100,6 +102,11 @@ def parameter(path: str, values: Mapping[str, str], name: str, kind: Callable[[s
         raise Refusal(400, "BadRequest", f"{path}: {name}={raw!r} is missing or not a {kind.__name__}") from None
 
 
+def shard_list(text: str) -> list[int]:
+    """"2,0" -> [2, 0]; "" -> []."""
+    return [int(shard) for shard in text.split(",")] if text else []
+
+
 class HolderStreams:
     """The holder's stream routes (parts in, means out) for every open round."""
 
@@ -112,7 +119,7 @@ class HolderStreams:
 
     def limit(self, method: str, path: str) -> int:
         route = _STREAM_PATH.fullmatch(urlsplit(path).path)
-        if route is None or _STREAM_ROUTES.get(method) != route["what"]:
+        if route is None or (method, route["what"]) not in _STREAM_ROUTES:
             raise Refusal(404, "NoRoute", f"no stream route {method} {urlsplit(path).path}")
         return self.largest_part if method == "POST" else 0
 
@@ -132,7 +139,10 @@ class HolderStreams:
             await holder.receive(request.sender.hotkey, part, weight, request.payload, remote=True,
                                  digest=request.digest)
             return b""
-        data = await holder.result(part, parameter(split.path, values, "decision", str))
+        if route["what"] == "contributions":
+            data = holder.contribution(part)
+        else:
+            data = await holder.result(part, parameter(split.path, values, "decision", str))
         holder.traffic.sent += len(data)
         return data
 
@@ -167,7 +177,7 @@ def holder_app(hotkey: str, chain: Chain, rounds: Rounds, guard: GuardConfig | N
     @route_policy(max_body=0)
     @answer
     async def get_have(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
-        return reply_json(holder, (await holder.have_set()).to_json())
+        return reply_json(holder, (await holder.have_set(param(request, "full", shard_list))).to_json())
 
     @route_policy()
     @answer
