@@ -156,9 +156,7 @@ class ButterflyRound:
         if self.faults.send_delay:
             await asyncio.sleep(self.faults.send_delay)
         self.faults.reached("before_send")
-        # Start with the shard after our own: peers then load different holders first.
-        mine = self.plan.members.index(self.me)
-        order = sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
+        order = self._staggered()
         slots = asyncio.Semaphore(self.config.max_inflight)
         delivered = 0
 
@@ -174,6 +172,12 @@ class ButterflyRound:
                 self.faults.reached("mid_send")
 
         await run_all(send(i, part) for i, part in enumerate(order))
+
+    def _staggered(self) -> list[Part]:
+        """Every part, from the shard after our own on: peers then load different holders'
+        links at once instead of all queueing at the first one (our own shard comes last)."""
+        mine = self.plan.members.index(self.me)
+        return sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
 
     def _encode(self, sent: int, part: Part) -> tuple[bytes, str]:
         """The frame of `part` to send and its digest, which every request carrying it signs."""
@@ -300,7 +304,7 @@ class ButterflyRound:
                     return
                 raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}: {'; '.join(problems)}")
 
-        await run_all(fetch(part) for part in self.plan.parts)
+        await run_all(fetch(part) for part in self._staggered())
         return mean, frames
 
     async def gather_gram(self, decision: Decision) -> list[list[float]] | None:
