@@ -6,13 +6,14 @@ contributors, gather the reduced shards.
 2. Decide: read the closed have-sets of the holders (asking the backup of a
    shard whose owner is gone for its full have-set: it pulls the parts from
    their senders), propose the contributors whose parts of every shard some
-   live holder has in full (`decision.propose`), then write the proposal to every holder's write-once
-   register in sorted order, adopting what the first register that answers
-   holds; a later register holding anything else fails the round. Every peer
-   does this, so the first live register settles it for all of them.
+   live holder has in full (`decision.propose`), then write the proposal to
+   every holder's write-once register in sorted order, adopting what the
+   first register that answers holds; a later register holding anything else
+   fails the round. Every peer does this, so the first live register settles
+   it for all of them.
 3. Gather: fetch each part of the mean from its owner, else its backup, under
-   that decision, checking it is that decision;
-   then the inner products of the contributions to each shard (for validators).
+   that decision, checking it is that decision; then the inner products of
+   the contributions to each shard (for validators).
 """
 
 from __future__ import annotations
