@@ -246,8 +246,7 @@ class ButterflyRound:
 
     def _orphans(self, holder: str) -> list[int]:
         """The shards `holder` backs up whose owner we cannot reach."""
-        owners = (self.plan.members[s] for s in self.plan.held_by(holder))
-        return [s for s, owner in zip(self.plan.held_by(holder), owners) if owner != holder and owner in self.unreachable]
+        return [s for s in self.plan.held_by(holder) if self.plan.members[s] in self.unreachable.keys() - {holder}]
 
     async def _have(self, holder: str, full: list[int]) -> HaveSet | None:
         """`holder`'s have-set; for the shards in `full` it first pulls every sender's parts."""

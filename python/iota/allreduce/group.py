@@ -154,7 +154,7 @@ class RoundPlan:
     @cached_property
     def _shard_bytes(self) -> dict[str, int]:
         # Asked for every request's deadline: summed once, not per part.
-        return {h: sum(self.parts[p].frame_bytes for p in self.held_parts(h)) for h in self.members}
+        return {h: sum(self.frame_bytes(s) for s in self.held_by(h)) for h in self.members}
 
     def frame_bytes(self, shard: int) -> int:
         """Bytes of one sender's frames of `shard`."""

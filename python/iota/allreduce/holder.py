@@ -322,9 +322,12 @@ class HolderRound:
         total = math.fsum(self.decision.contributors[s] for s in order)
         try:
             decided = self.decision.digests[shard]
-            lacking = [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
-            await self.pull(shard, lacking, again=True)
-            missing = [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
+
+            def lacking() -> list[str]:
+                return [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
+
+            await self.pull(shard, lacking(), again=True)
+            missing = lacking()
             if missing:
                 # Nobody may serve a mean of anything else.
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
