@@ -11,6 +11,11 @@
 #include "codec_math.h"
 #include "kernels.h"
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define IOTA_AVX2_SYM 1  // hand-written symmetric round-to-nearest codes (GCC vectorizes them poorly for AVX2)
+#endif
+
 #ifndef IOTA_ISA_NS
 #error "define IOTA_ISA_NS before including cpu_kernels.h"
 #endif
@@ -90,6 +95,31 @@ static void zero_nonfinite(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; i++) x[i] = abs_bits(x[i]) > kMaxFiniteBits ? 0.0f : x[i];
 }
 
+#if defined(IOTA_AVX2_SYM)
+// Symmetric nearest-even codes q + offset of n elements as bytes: quantize_sym
+// op for op (MINPS(hi, y) is `y > hi ? hi : y`, MAXPS(lo, y) is `y < lo ? lo : y`).
+static void sym_codes_avx2(const float* __restrict x, int64_t n, float inv, float qmax, int offset,
+                           uint8_t* __restrict out) {
+  const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+  const __m256 magic = _mm256_set1_ps(kRoundMagic);
+  const __m256i voffset = _mm256_set1_epi32(offset);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the per-lane packs
+  auto codes8 = [&](const float* p) {
+    __m256 y = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(p), vinv)));
+    y = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
+    return _mm256_add_epi32(_mm256_cvttps_epi32(y), voffset);
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    // Codes are 0..2^BITS-1, so the saturating packs never saturate.
+    const __m256i ab = _mm256_packs_epi32(codes8(x + i), codes8(x + i + 8));
+    const __m256i cd = _mm256_packs_epi32(codes8(x + i + 16), codes8(x + i + 24));
+    _mm256_storeu_si256((__m256i*)(out + i), _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order));
+  }
+  for (; i < n; i++) out[i] = (uint8_t)((int32_t)quantize_sym(x[i], inv, qmax) + offset);
+}
+#endif
+
 // Quantizes one block of n elements into packed codes. Padding bits of a
 // final partial byte stay zero.
 template <int BITS, bool MINMAX, bool SR>
@@ -109,14 +139,16 @@ static void quantize_block(const float* __restrict x, int64_t n, float inv, floa
     }
     return (uint32_t)((int32_t)q + offset);
   };
-  if (BITS == 8) {
-    for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)code(i);
-    return;
-  }
+  alignas(64) uint8_t q[kMaxBlock];
+  uint8_t* __restrict narrow = BITS == 8 ? out : q;
+#if defined(IOTA_AVX2_SYM)
+  if (!MINMAX && !SR) sym_codes_avx2(x, n, inv, top, offset, narrow);
+  else
+#endif
+    for (int64_t i = 0; i < n; i++) narrow[i] = (uint8_t)code(i);
+  if (BITS == 8) return;
   // Narrow codes first, then pack: two simple loops vectorize far better
   // than one loop with strided loads.
-  alignas(64) uint8_t q[kMaxBlock];
-  for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)code(i);
   const int64_t full = n / PER;
   for (int64_t j = 0; j < full; j++) {
     uint32_t b = 0;
