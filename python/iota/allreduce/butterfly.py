@@ -164,8 +164,9 @@ class ButterflyRound:
         async def send(sent: int, part: Part) -> None:
             nonlocal delivered
             async with slots:
-                frame, digest = await asyncio.to_thread(self._encode, sent, part)
-                self.holder.keep(part.index, frame, digest)
+                buffer = self.holder.pool.take(part.frame_bytes)
+                frame, digest = await asyncio.to_thread(self._encode, sent, part, buffer)
+                self.holder.keep(part.index, frame, digest, buffer)
                 targets = self.plan.targets(self.me, part.shard)
                 await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in targets))
             delivered += 1
@@ -180,14 +181,14 @@ class ButterflyRound:
         mine = self.plan.members.index(self.me)
         return sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
 
-    def _encode(self, sent: int, part: Part) -> tuple[bytes, str]:
-        """The frame of `part` to send and its digest, which every request carrying it signs."""
+    def _encode(self, sent: int, part: Part, buffer: torch.Tensor) -> tuple[bytes | memoryview, str]:
+        """The frame of `part` to send (in `buffer`) and its digest, which every request carrying it signs."""
         seed = stochastic_seed(self.plan, self.me, part.index)
-        frame = self.plan.codec.encode(self.vector[part.begin : part.end], seed=seed)
+        frame = self.plan.codec.encode_into(self.vector[part.begin : part.end], buffer, seed=seed)
         frame = self.faults.tamper(sent, frame)
         return frame, payload_digest(frame)
 
-    async def _deliver(self, holder: str, part: Part, frame: bytes, digest: str) -> None:
+    async def _deliver(self, holder: str, part: Part, frame: bytes | memoryview, digest: str) -> None:
         if holder in self.unreachable or holder in self.closed_early:
             return
         try:

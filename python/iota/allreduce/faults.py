@@ -34,7 +34,7 @@ class Faults:
         if self.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def tamper(self, sent: int, frame: bytes) -> bytes:
+    def tamper(self, sent: int, frame: bytes | memoryview) -> bytes | memoryview:
         if sent != self.corrupt_part:
             return frame
         damaged = bytearray(frame)

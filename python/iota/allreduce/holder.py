@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from iota.allreduce.buffers import BufferPool
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
-from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import NetError, Refused
 from iota.net.stream import payload_digest
@@ -92,18 +92,22 @@ def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], see
 class HolderRound:
     """This peer's holder state for one round."""
 
-    def __init__(self, plan: RoundPlan, me: str, config: AllReduceConfig, faults: Faults) -> None:
+    def __init__(
+        self, plan: RoundPlan, me: str, config: AllReduceConfig, faults: Faults, pool: BufferPool | None = None
+    ) -> None:
         self.plan = plan
         self.me = me
         self.config = config
         self.faults = faults
+        self.pool = pool or BufferPool()
+        self._lent: list[torch.Tensor] = []  # pool buffers under `sent`, returned when the round stops
         self.shards = plan.held_by(me)
         self.parts = plan.held_parts(me)
         self.held = frozenset(self.parts)
         self.traffic = Traffic()
         self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
         self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
-        self.sent: dict[int, tuple[bytes, str]] = {}  # this peer's frames (and digests) of every part
+        self.sent: dict[int, tuple[bytes | memoryview, str]] = {}  # this peer's frames (and digests) of every part
         # How to get `sender`'s frame of a part from it (set by the round; `pull` uses it).
         self.fetch: Callable[[str, int], Awaitable[bytes | bytearray]] | None = None
         self._pulls: dict[tuple[int, str], asyncio.Task[None]] = {}
@@ -200,11 +204,14 @@ class HolderRound:
 
     # -- what this peer sent, and pulling what others sent ----------------------
 
-    def keep(self, part: int, frame: bytes, digest: str) -> None:
-        """Remember this peer's frame of `part` for a backup that may pull it."""
+    def keep(self, part: int, frame: bytes | memoryview, digest: str, buffer: torch.Tensor | None = None) -> None:
+        """Remember this peer's frame of `part` for a backup that may pull it; `buffer`,
+        from the pool, holds it and goes back when the round stops."""
         self.sent[part] = (frame, digest)
+        if buffer is not None:
+            self._lent.append(buffer)
 
-    def contribution(self, part: int) -> bytes:
+    def contribution(self, part: int) -> bytes | memoryview:
         """This peer's frame of `part`, for a holder pulling it."""
         if part not in self.sent:
             raise Refusal(404, "NotSent", f"{self.me} has not sent part {part} of round {self.plan.group.round_id}")
@@ -333,17 +340,18 @@ class HolderRound:
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
                 return
             largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
-            room = huge_page_tensor(largest)
+            room = self.pool.take(4 * largest)
             for p in parts:
                 inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
                 part = self.plan.parts[p]
                 seed = stochastic_seed(self.plan, "mean", p)
                 self.results[p], gram = await asyncio.to_thread(
-                    reduce_part, self.plan.codec, inputs, seed, room[: part.end - part.begin]
+                    reduce_part, self.plan.codec, inputs, seed, room.view(torch.float32)[: part.end - part.begin]
                 )
                 self.grams[shard] = self.grams.get(shard, 0) + gram
                 del self.frames[p]  # the inputs are no longer needed
                 self._ready[p].set()
+            self.pool.give(room)  # not if cancelled above: the thread may still be writing to it
         except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
             log.error("round %s: %s cannot reduce shard %d: %s", self.plan.group.round_id, self.me, shard, exc)
             self.unservable.setdefault(shard, f"{self.me} failed to reduce: {exc}")
@@ -418,3 +426,6 @@ class HolderRound:
             task.cancel()
         self.frames.clear()
         self.sent.clear()
+        for buffer in self._lent:
+            self.pool.give(buffer)
+        self._lent.clear()

@@ -23,6 +23,7 @@ from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.errors import GroupError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Group, RoundPlan
+from iota.allreduce.buffers import BufferPool
 from iota.allreduce.holder import HolderRound, Traffic
 from iota.allreduce.result import AllReduceResult
 from iota.allreduce.server import HolderStreams, Rounds, holder_app
@@ -60,6 +61,7 @@ class AllReducePeer:
         self._streams: StreamClient | None = None
         self._rounds: Rounds | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.buffers = BufferPool()  # frames and sums, reused by later rounds
         # Two integers per round for the peer's lifetime; they keep growing
         # after a round returns, while others fetch the mean from here.
         self._traffic: dict[str, Traffic] = {}
@@ -124,7 +126,7 @@ class AllReducePeer:
         if not (finite or codec.allow_nonfinite):
             raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
         plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
-        holder = HolderRound(plan, self.hotkey, self.config, self.faults)
+        holder = HolderRound(plan, self.hotkey, self.config, self.faults, self.buffers)
         try:
             self._rounds.open(holder)
         except GroupError:
