@@ -268,6 +268,16 @@ PYBIND11_MODULE(_C, m) {
         "Header bytes and section offsets of a frame, for backends that fill scales and codes themselves.");
   m.def("seal", &seal, py::arg("frame"), "Write the checksum into the last 8 bytes of a writable frame.");
   m.def("checksum", &checksum_of, py::arg("data"), "XXH64 (seed 0) of a buffer.");
+  m.def(
+      "unfilled_bytearray",
+      [](Py_ssize_t size) {
+        if (size < 0) throw py::value_error("negative size");
+        // bytearray(size) zero-fills first; a buffer a socket read overwrites whole need not be.
+        PyObject* buffer = PyByteArray_FromStringAndSize(nullptr, size);
+        if (buffer == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(buffer);
+      },
+      py::arg("size"), "A bytearray of `size` bytes whose contents are left as the allocator gave them.");
   m.def("plan_shards", &plan_shards, py::arg("numel"), py::arg("block"), py::arg("weights"));
   m.def("plan_parts", &plan_parts, py::arg("begin"), py::arg("end"), py::arg("block"), py::arg("max_part"));
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from bittensor import http_auth
 
+from iota._C import unfilled_bytearray
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
 from iota.net.stream import EMPTY_DIGEST, HEADER, MAGIC, payload_digest
@@ -268,3 +269,12 @@ def test_the_signed_digest_is_blake3_256():
     assert payload_digest(b"abc") == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
     assert EMPTY_DIGEST == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
     assert payload_digest(memoryview(bytearray(b"abc"))) == payload_digest(b"abc")
+
+
+def test_read_buffers_are_real_bytearrays_of_the_asked_size():
+    buffer = unfilled_bytearray(5 << 20)
+    assert type(buffer) is bytearray and len(buffer) == 5 << 20
+    buffer[-1] = 7  # writable to the last byte
+    assert unfilled_bytearray(0) == bytearray()
+    with pytest.raises(ValueError):
+        unfilled_bytearray(-1)

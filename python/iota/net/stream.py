@@ -40,6 +40,7 @@ import blake3
 from bittensor import http_auth
 from bittensor.signing import resolve_signer
 
+from iota._C import unfilled_bytearray
 from iota.chain.base import ROLES, Neuron
 from iota.net.errors import NetError, PeerError, Refused
 
@@ -81,7 +82,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def read(self, nbytes: int) -> bytearray:
         """Exactly `nbytes` bytes; ConnectionClosed if the connection ends first."""
-        buffer = bytearray(nbytes)
+        buffer = unfilled_bytearray(nbytes)  # returned only once every byte is written
         view = memoryview(buffer)
         taken = min(nbytes, len(self._prefix))
         view[:taken] = self._prefix[:taken]
