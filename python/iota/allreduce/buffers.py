@@ -3,8 +3,11 @@
 A round's frames and sums are tens to hundreds of MB. Memory fresh from the
 OS is cleared page by page on its first write, which cost about 5% of a
 round's CPU; memory a past round faulted in costs nothing. A buffer goes
-back to the pool only once nothing can still write into it, so a pooled
-buffer is never shared.
+back only once nothing can still write into it: a round's sent frames when
+the round stops serving, a holder's sum when its reduce finished. A reader
+that outlives its round (a straggler fetching from a stopped round) could see
+the next round's bytes, but every transfer is checked against its signed
+digest, so that ends in an error, not a wrong frame.
 """
 
 from __future__ import annotations
