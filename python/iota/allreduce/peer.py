@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from bittensor.signing import WalletLike
 
 
+def all_finite(vector: torch.Tensor) -> bool:
+    # A sum is one fast pass and is finite unless some value is not (or it
+    # overflowed: then look closer); torch.isfinite is 20x slower.
+    return math.isfinite(float(vector.sum())) or bool(torch.isfinite(vector).all())
+
+
 class AllReducePeer:
     """Serves the holder routes for `wallet`'s hotkey and runs rounds as that hotkey.
 
@@ -120,10 +126,8 @@ class AllReducePeer:
         ):
             raise GroupError("out must be a contiguous float32 CPU tensor shaped like the vector, and not the vector")
         vector = vector.contiguous()
-        # A sum is one fast pass and is finite unless some value is not (or it
-        # overflowed: then look closer); torch.isfinite is 20x slower.
-        finite = math.isfinite(float(vector.sum())) or bool(torch.isfinite(vector).all())
-        if not (finite or codec.allow_nonfinite):
+        # Off the event loop: others' parts for this peer's holder may be arriving already.
+        if not (codec.allow_nonfinite or await asyncio.to_thread(all_finite, vector)):
             raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
         plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
         holder = HolderRound(plan, self.hotkey, self.config, self.faults, self.buffers)

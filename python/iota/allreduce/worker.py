@@ -113,7 +113,8 @@ async def run(spec: dict[str, Any]) -> None:
                     ok=True,
                     # Every thread of this process during the call: its own round and serving others.
                     cpu_seconds=time.process_time() - cpu,
-                    frames_digest=result.digest,
+                    # In a thread: the loop goes on serving the peers still in the round.
+                    frames_digest=await asyncio.to_thread(lambda: result.digest),
                     report=result.report.to_json(),
                 )
                 reports[group.round_id] = result.report
