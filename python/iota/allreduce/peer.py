@@ -18,12 +18,12 @@ import aiohttp
 import torch
 from bittensor.signing import resolve_signer
 
+from iota.allreduce.buffers import BufferPool
 from iota.allreduce.butterfly import ButterflyRound
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.errors import GroupError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Group, RoundPlan
-from iota.allreduce.buffers import BufferPool
 from iota.allreduce.holder import HolderRound, Traffic
 from iota.allreduce.result import AllReduceResult
 from iota.allreduce.server import HolderStreams, Rounds, holder_app
