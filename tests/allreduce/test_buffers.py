@@ -7,7 +7,6 @@ import asyncio
 
 import torch
 
-from iota.allreduce import AllReduceConfig
 from iota.allreduce.buffers import BufferPool
 from iota.codec import Codec
 from tests.allreduce.test_peers import group_of, local_peers
@@ -34,13 +33,12 @@ def test_a_given_buffer_is_taken_again_and_the_pool_keeps_at_most_its_peak():
 
 
 def test_a_later_round_runs_on_recycled_buffers_and_matches_fresh_peers():
-    config = AllReduceConfig(part_bytes=16384, floor=1.0, min_throughput=1e6)
     codec = Codec.from_string("int8/b64")
     first = [torch.randn(50_000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     second = [torch.randn(50_000, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
 
     async def recycled():
-        async with local_peers(3, config) as peers:
+        async with local_peers(3) as peers:
             for round_id, xs in (("a", first), ("b", second)):
                 if round_id == "b":
                     fresh_before = [p.buffers.fresh_bytes for p in peers]
@@ -51,7 +49,7 @@ def test_a_later_round_runs_on_recycled_buffers_and_matches_fresh_peers():
             return results[0], fresh_before, [p.buffers.fresh_bytes for p in peers]
 
     async def fresh():
-        async with local_peers(3, config) as peers:
+        async with local_peers(3) as peers:
             return (await asyncio.gather(*(
                 p.allreduce(group_of(peers, "b"), x, 1.0 + i, codec) for i, (p, x) in enumerate(zip(peers, second))
             )))[0]
