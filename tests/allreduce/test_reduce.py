@@ -1,10 +1,19 @@
-"""The holder's reduction of one part: the mean's bytes and the contributions' Gram matrix."""
+"""The holder's reduction of one part: the mean's bytes and the contributions' Gram matrix;
+and the owner's reduce before the decision, kept only when the decision confirms it."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
 
-from iota.allreduce.holder import reduce_part
+import iota.allreduce.holder as holder_module
+from iota.allreduce import AllReduceConfig, Group, Member, RoundPlan
+from iota.allreduce.decision import Decision
+from iota.allreduce.faults import Faults
+from iota.allreduce.holder import HolderRound, reduce_part
+from iota.chain import dev_keypair
 from iota.codec import Codec
 
 
@@ -24,3 +33,52 @@ def test_reduce_part_is_the_fused_weighted_sum_and_its_gram():
     exact = decoded @ decoded.T
     assert products.dtype == torch.float64
     assert float((products - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+HOTKEYS = sorted(dev_keypair(f"iota-guess-{i}").ss58_address for i in range(4))
+WEIGHTS = dict(zip(HOTKEYS, [1.0, 2.0, 0.5, 1.5]))
+
+
+@pytest.mark.parametrize("excluded", [None, HOTKEYS[2]], ids=["decision-is-everyone", "decision-drops-one"])
+def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_confirms(monkeypatch, excluded):
+    codec = Codec.from_string("int8/b64")
+    group = Group("guess", tuple(Member(h, f"http://127.0.0.1:{9200 + i}") for i, h in enumerate(HOTKEYS)))
+    plan = RoundPlan(group, 40_000, codec, 4096)
+    owner, parts = plan.members[0], plan.shard_parts[0]
+    assert len(parts) > 1
+    vectors = {h: torch.randn(plan.numel, generator=torch.Generator().manual_seed(i)) for i, h in enumerate(HOTKEYS)}
+    frames = {h: {p: codec.encode(vectors[h][plan.parts[p].begin : plan.parts[p].end]) for p in parts} for h in HOTKEYS}
+    reduced = []
+
+    def counted(*args):
+        reduced.append(args)
+        return reduce_part(*args)
+
+    monkeypatch.setattr(holder_module, "reduce_part", counted)
+
+    async def main():
+        holder = HolderRound(plan, owner, AllReduceConfig(floor=60.0), Faults())
+        try:
+            for sender in HOTKEYS:
+                for p in parts:
+                    await holder.receive(sender, p, WEIGHTS[sender], frames[sender][p], remote=sender != owner)
+            await asyncio.gather(*(task for _, task in holder._guesses.values()))
+            assert len(reduced) == len(parts)  # every part reduced before any decision
+            counted_in = {h: w for h, w in WEIGHTS.items() if h != excluded}
+            holder.close()  # its backed-up shard never comes: no need to wait for the deadline
+            complete = (await holder.have_set()).shards[0]
+            decision = Decision(counted_in, {0: {h: complete[h] for h in counted_in}},
+                                {excluded: "test"} if excluded else {})
+            holder.record(decision)
+            return [await holder.result(p, decision.key) for p in parts], counted_in
+        finally:
+            holder.stop()
+
+    means, counted_in = asyncio.run(main())
+    # A wrong guess is reduced again; a right one is not.
+    assert len(reduced) == len(parts) * (2 if excluded else 1)
+    total = sum(counted_in.values())
+    for p, mean in zip(parts, means):
+        inputs = [(frames[h][p], counted_in[h] / total) for h in sorted(counted_in)]
+        expected, _ = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
+        assert mean == expected

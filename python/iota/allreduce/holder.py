@@ -8,6 +8,12 @@ have-set of the shard (it found the owner gone before the decision), or to
 reduce the decided contributions (the owner died after it). Holders keep
 frames, not a running sum, so a sender can still be dropped after its parts
 arrived (because they did not reach every shard).
+
+An owner does not wait for the decision to start reducing: once every member's
+frame of a part is in, it reduces that part for "everyone, at the declared
+weights", which is what nearly every decision says. The decision then only
+confirms the guess (or the part is reduced again for what it does say), so the
+reduce runs while the scatter is still finishing instead of after it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str 
     return digest or payload_digest(frame)
 
 
+Contributors = tuple[tuple[str, float], ...]  # (sender, declared weight), sorted by sender
+
+
 def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], seed: int | None,
                 scratch: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec;
@@ -126,6 +135,9 @@ class HolderRound:
         self._decided = asyncio.Event()
         self._ready = {p: asyncio.Event() for p in self.parts}
         self._reducing: set[int] = set()
+        # part -> (whom the guess counts, its reduce): the owner's reduce before the decision.
+        self._guesses: dict[int, tuple[Contributors, asyncio.Task[tuple[bytes, torch.Tensor]]]] = {}
+        self._reducer = asyncio.Lock()  # one reduce at a time: they share the cores with everything else
         self._done: set[str] = set()
         self._all_done = asyncio.Event()
         self._tasks = [asyncio.get_running_loop().create_task(self._close_when_due())]
@@ -162,6 +174,7 @@ class HolderRound:
         if sender in self.bad:
             return  # an excluded sender's frame is dropped
         self._store(sender, part, frame, digest)
+        self._guess(part)
         if remote:
             self._received += len(frame)
             self._last_arrival = time.monotonic()
@@ -172,6 +185,36 @@ class HolderRound:
         if frames is not None and sender not in frames:  # a duplicate keeps the first copy
             frames[sender] = frame
             self.digests[part][sender] = digest
+
+    def _guess(self, part: int) -> None:
+        """If this peer owns `part` and every member's frame of it is in, start reducing it
+        as the decision will most likely have it: everyone, at their declared weights."""
+        frames = self.frames.get(part)
+        shard = self.plan.parts[part].shard
+        if (self.decision is not None or part in self._guesses or frames is None
+                or self.plan.members[shard] != self.me or len(frames) < len(self.plan.members)):
+            return
+        everyone: Contributors = tuple((sender, self.weights[sender]) for sender in sorted(frames))
+        task = asyncio.get_running_loop().create_task(self._reduce_part(part, everyone))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an unused guess may fail unseen
+        self._guesses[part] = (everyone, task)
+        self._tasks.append(task)
+
+    async def _reduce_part(self, p: int, contributors: Contributors) -> tuple[bytes, torch.Tensor]:
+        """The encoded mean of part `p` over `contributors` and their Gram matrix."""
+        frames = self.frames[p]
+        total = math.fsum(weight for _, weight in contributors)
+        inputs = [(frames[sender], weight / total) for sender, weight in contributors]
+        part = self.plan.parts[p]
+        async with self._reducer:
+            # One size for every part's sum: the pool then keeps a single buffer for them all.
+            room = self.pool.take(4 * max(q.end - q.begin for q in self.plan.parts))
+            sum_ = room.view(torch.float32)[: part.end - part.begin]
+            reduced = await asyncio.to_thread(
+                reduce_part, self.plan.codec, inputs, stochastic_seed(self.plan, "mean", p), sum_
+            )
+            self.pool.give(room)  # not if cancelled above: the thread may still be writing to it
+        return reduced
 
     def _exclude(self, sender: str, reason: str) -> None:
         log.warning("round %s: excluding %s: %s", self.plan.group.round_id, sender, reason)
@@ -325,13 +368,12 @@ class HolderRound:
         """Reduce every part of `shard`; each part can be served as soon as it is done."""
         assert self.decision is not None and self.have is not None
         parts = self.plan.shard_parts[shard]
-        order = sorted(self.decision.contributors)
-        total = math.fsum(self.decision.contributors[s] for s in order)
+        decided: Contributors = tuple(sorted(self.decision.contributors.items()))
         try:
-            decided = self.decision.digests[shard]
+            digests = self.decision.digests[shard]
 
             def lacking() -> list[str]:
-                return [sender for sender in order if self._digest(shard, sender) != decided.get(sender)]
+                return [sender for sender, _ in decided if self._digest(shard, sender) != digests.get(sender)]
 
             await self.pull(shard, lacking(), again=True)
             missing = lacking()
@@ -339,19 +381,15 @@ class HolderRound:
                 # Nobody may serve a mean of anything else.
                 self.unservable[shard] = f"{self.me} lacks the decided contributions of {', '.join(missing)}"
                 return
-            largest = max(self.plan.parts[p].end - self.plan.parts[p].begin for p in parts)
-            room = self.pool.take(4 * largest)
             for p in parts:
-                inputs = [(self.frames[p][s], self.decision.contributors[s] / total) for s in order]
-                part = self.plan.parts[p]
-                seed = stochastic_seed(self.plan, "mean", p)
-                self.results[p], gram = await asyncio.to_thread(
-                    reduce_part, self.plan.codec, inputs, seed, room.view(torch.float32)[: part.end - part.begin]
-                )
+                guessed, guess = self._guesses.get(p, ((), None))
+                if guess is not None and guessed == decided:
+                    self.results[p], gram = await guess
+                else:
+                    self.results[p], gram = await self._reduce_part(p, decided)
                 self.grams[shard] = self.grams.get(shard, 0) + gram
                 del self.frames[p]  # the inputs are no longer needed
                 self._ready[p].set()
-            self.pool.give(room)  # not if cancelled above: the thread may still be writing to it
         except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
             log.error("round %s: %s cannot reduce shard %d: %s", self.plan.group.round_id, self.me, shard, exc)
             self.unservable.setdefault(shard, f"{self.me} failed to reduce: {exc}")
