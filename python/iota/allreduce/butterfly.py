@@ -7,10 +7,10 @@ contributors, gather the reduced shards.
    shard whose owner is gone for its full have-set: it pulls the parts from
    their senders), propose the contributors whose parts of every shard some
    live holder has in full (`decision.propose`), then write the proposal to
-   every holder's write-once register in sorted order, adopting what the
-   first register that answers holds; a later register holding anything else
-   fails the round. Every peer does this, so the first live register settles
-   it for all of them.
+   the holders' write-once registers in sorted order until one answers,
+   adopting what it holds, and that to all later registers at once; a later
+   register holding anything else fails the round. Every peer does this, so
+   the first live register settles it for all of them.
 3. Gather: fetch each part of the mean from its owner, else its backup, under
    that decision, checking it is that decision; then the inner products of
    the contributions to each shard (for validators).
@@ -227,22 +227,22 @@ class ButterflyRound:
                 haves[h] = have
         recorded = [have.decision for have in haves.values() if have.decision is not None]
         proposal = recorded[0] if recorded else propose(self.plan, haves)
-        decision: Decision | None = None
-        # Every register, in the same (sorted) order on every peer, even one we
-        # could not read: then the first live register is the same for all.
-        for holder in self.plan.active_holders:
-            stored = await self._record(holder, decision or proposal)
-            if stored is None:
-                continue
-            if decision is None:
-                decision = stored  # the first register that answers settles the round
-            elif stored.key != decision.key:
+        # The registers in the same (sorted) order on every peer, even one we could not
+        # read, until one answers: then the first live register is the same for all,
+        # and what it holds settles the round. The rest get that, all at once.
+        registers = list(self.plan.active_holders)
+        while registers:
+            decision = await self._record(registers.pop(0), proposal)
+            if decision is not None:
+                break
+        else:
+            raise RoundFailed(f"no holder could record the decision: {self.unreachable}")
+        for holder, stored in zip(registers, await run_all(self._record(h, decision) for h in registers)):
+            if stored is not None and stored.key != decision.key:
                 raise RoundFailed(
                     f"holders recorded different decisions ({decision.key} and {stored.key} at {holder}): "
                     "peers saw different holders alive; the round cannot complete consistently"
                 )
-        if decision is None:
-            raise RoundFailed(f"no holder could record the decision: {self.unreachable}")
         return decision
 
     def _orphans(self, holder: str) -> list[int]:
