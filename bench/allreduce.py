@@ -14,7 +14,9 @@ the fp32 vector. Prints JSON lines.
 With --netlab RATE (root, the netlab tool in ../shared/tools) every peer, gloo rank or
 iota peer, runs in its own network namespace at 10.77.0.{i+1}, each host's
 uplink and downlink shaped to RATE (e.g. 1gbit); the lab is taken down at the
-end. Every line says its "link": RATE, or "loopback" without --netlab.
+end. Every line says its "link": RATE, or "loopback" without --netlab, and for
+a RATE in bit/kbit/mbit/gbit its "wire_seconds": how long the bytes a peer sends
+(or receives, if more) take at RATE alone, the bound no round can beat.
 
     python bench/allreduce.py [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64] [--netlab RATE]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -59,6 +62,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rate_bits(rate: str) -> float | None:
+    """tc's RATE (e.g. 1gbit, 250mbit) in bits per second; None for units this does not read."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)", rate.lower())
+    if match is None:
+        return None
+    return float(match[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match[2]]
+
+
+def wire_seconds(nbytes: float, bits_per_second: float | None) -> float | None:
+    """How long `nbytes` take through one shaped uplink: the bound no round can beat."""
+    return None if bits_per_second is None else 8 * nbytes / bits_per_second
 
 
 def peer_host(i: int, lab: bool) -> str:
@@ -218,6 +234,7 @@ def main() -> None:
         # SIGTERM (kill, timeout) ends the run through the finally blocks too, so the lab comes down.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     link = args.netlab if lab else "loopback"
+    bits_per_second = rate_bits(args.netlab) if lab else None
 
     n, world = args.elements, args.peers
     fp32_bytes = 4 * n
@@ -234,7 +251,8 @@ def main() -> None:
         gloo = run_gloo(world, n, args.repeats, directory, lab)
         gloo_seconds = statistics.median(gloo)
         print(json.dumps({"bench": "gloo", "link": link, "seconds": gloo_seconds, "rounds": gloo,
-                          "bytes_per_peer_ring": optimal}), flush=True)
+                          "bytes_per_peer_ring": optimal, "wire_seconds": wire_seconds(optimal, bits_per_second)}),
+              flush=True)
         lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
@@ -262,6 +280,7 @@ def main() -> None:
             "cpu_seconds_all_peers": statistics.median(cpu),
             "phase_seconds_slowest_peer": {p: statistics.median(x.get(p, 0.0) for x in phases) for p in phases[0]},
             "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
+            "wire_seconds": wire_seconds(max(statistics.mean(sent), statistics.mean(received)), bits_per_second),
             "sent_vs_optimal_fp32": statistics.mean(sent) / optimal,
             "sent_vs_optimal_same_codec": statistics.mean(sent) / (2 * (world - 1) / world * frame_bytes),
             "vector_frame_bytes": frame_bytes, "failures": failures,
