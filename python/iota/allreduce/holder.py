@@ -138,6 +138,8 @@ class HolderRound:
         # part -> (whom the guess counts, its reduce): the owner's reduce before the decision.
         self._guesses: dict[int, tuple[Contributors, asyncio.Task[tuple[bytes, torch.Tensor]]]] = {}
         self._reducer = asyncio.Lock()  # one reduce at a time: they share the cores with everything else
+        # One size for every part's fp32 sum: the pool then keeps a single buffer for them all.
+        self._sum_bytes = 4 * max(p.end - p.begin for p in plan.parts)
         self._done: set[str] = set()
         self._all_done = asyncio.Event()
         self._tasks = [asyncio.get_running_loop().create_task(self._close_when_due())]
@@ -207,8 +209,7 @@ class HolderRound:
         inputs = [(frames[sender], weight / total) for sender, weight in contributors]
         part = self.plan.parts[p]
         async with self._reducer:
-            # One size for every part's sum: the pool then keeps a single buffer for them all.
-            room = self.pool.take(4 * max(q.end - q.begin for q in self.plan.parts))
+            room = self.pool.take(self._sum_bytes)
             sum_ = room.view(torch.float32)[: part.end - part.begin]
             reduced = await asyncio.to_thread(
                 reduce_part, self.plan.codec, inputs, stochastic_seed(self.plan, "mean", p), sum_
