@@ -88,7 +88,7 @@ class Taker:
 async def over_signed_stream(body: bytes, bodies: int, inflight: int) -> tuple[float, float]:
     sender, receiver = dev_keypair("iota-bench-transport-a"), dev_keypair("iota-bench-transport-b")
     app = signed_app(receiver.ss58_address, LocalChain({sender.ss58_address: "miner"}))
-    async with serve(app, streams=Taker()) as url:
+    async with serve(app, streams=Taker(), wallet=receiver) as url:
         client = StreamClient(sender)
 
         async def send() -> None:

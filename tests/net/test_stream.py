@@ -19,7 +19,7 @@ from bittensor import http_auth
 from iota._C import unfilled_bytearray
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
-from iota.net.stream import EMPTY_DIGEST, HEADER, MAGIC, payload_digest
+from iota.net.stream import EMPTY_DIGEST, HEADER, MAGIC, SIGNATURE_HEADER, answer_message, payload_digest
 
 LIMIT = 4 << 20
 TIMEOUT = 30.0
@@ -58,7 +58,7 @@ async def serving(keys: SimpleNamespace, chain: LocalChain, idle: float = 5.0) -
     app.router.add_get("/hello", hello)
     echo = Echo()
     echo.idle = idle
-    async with serve(app, shutdown_timeout=0.5, streams=echo) as url:
+    async with serve(app, shutdown_timeout=0.5, streams=echo, wallet=keys.server) as url:
         yield url, echo
 
 
@@ -137,10 +137,12 @@ def test_refusals_reach_the_caller(keys, chain):
                 await stranger.request("POST", url, "/echo", receiver=keys.server.ss58_address,
                                        timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
             assert (unknown.value.status, unknown.value.kind) == (403, "NotRegistered")
-            with pytest.raises(PeerError) as misaddressed:
+            # The server refuses a request addressed to another hotkey (401 WrongReceiver), but that
+            # refusal is signed by the server, not by whom the client addressed: the client takes none.
+            with pytest.raises(NetError, match="signature") as misaddressed:
                 await client.request("POST", url, "/echo", receiver=keys.validator.ss58_address,
                                      timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
-            assert (misaddressed.value.status, misaddressed.value.kind) == (401, "WrongReceiver")
+            assert not isinstance(misaddressed.value, PeerError)
             # The client still works after refusals (they closed their connections).
             assert bytes(await client.request("POST", url, "/echo", receiver=keys.server.ss58_address,
                                               timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)) == b"cba"
@@ -245,6 +247,65 @@ def test_a_server_that_never_answers_times_out(keys, chain):
                                      max_response=LIMIT)
             assert client._idle == {}  # the broken connection is not kept
         finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    ["honest", "unsigned", "signed_by_another_hotkey", "payload_swapped", "signed_for_another_request",
+     "refusal_signed_by_another_hotkey"],
+)
+def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_request(keys, chain, forgery):
+    """A hand-written server answers the way an impostor or a tampering middlebox would."""
+    payload, other = b"the mean", b"not the mean"
+
+    def signed(signer, request_signature: str, meta: dict) -> dict:
+        return {**meta, "signature": signer.sign(answer_message(request_signature, meta)).hex()}
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(len(MAGIC)) == MAGIC
+        meta_len, payload_len = HEADER.unpack(await reader.readexactly(HEADER.size))
+        request = json.loads(await reader.readexactly(meta_len))
+        await reader.readexactly(payload_len)
+        asked = request["headers"][SIGNATURE_HEADER]
+        sent = payload
+        answer = {"status": 200, "digest": payload_digest(payload)}
+        if forgery == "honest":
+            answer = signed(keys.server, asked, answer)
+        elif forgery == "signed_by_another_hotkey":
+            answer = signed(keys.stranger, asked, answer)
+        elif forgery == "payload_swapped":
+            answer, sent = signed(keys.server, asked, answer), other
+        elif forgery == "signed_for_another_request":
+            answer = signed(keys.server, "0x" + "00" * 64, answer)
+        elif forgery == "refusal_signed_by_another_hotkey":
+            refusal = {"status": 409, "error": "Closed", "detail": "go away", "digest": EMPTY_DIGEST}
+            answer, sent = signed(keys.stranger, asked, refusal), b""
+        encoded = json.dumps(answer).encode()
+        writer.write(HEADER.pack(len(encoded), len(sent)) + encoded + sent)
+        await writer.drain()
+        writer.close()
+
+    async def body() -> None:
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = StreamClient(keys.miner)
+        try:
+            ask = client.request("GET", url, "/results/0", receiver=keys.server.ss58_address, timeout=TIMEOUT,
+                                 max_response=LIMIT)
+            if forgery == "honest":
+                assert bytes(await ask) == payload
+                return
+            with pytest.raises(NetError) as taken:
+                await ask
+            assert not isinstance(taken.value, PeerError)  # not even a refusal is believed
+            assert ("digest" if forgery == "payload_swapped" else "signature") in str(taken.value)
+            assert client._idle == {}  # nor is the connection kept
+        finally:
+            client.close()
             server.close()
             await server.wait_closed()
 

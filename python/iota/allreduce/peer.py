@@ -79,7 +79,7 @@ class AllReducePeer:
         app = holder_app(self.hotkey, self.chain, self._rounds, self.guard)
         streams = HolderStreams(self._rounds)
         async with (
-            serve(app, host, port, shutdown_timeout=self.config.floor, streams=streams) as url,
+            serve(app, host, port, shutdown_timeout=self.config.floor, streams=streams, wallet=self.signer) as url,
             aiohttp.ClientSession() as session,
         ):
             self.address = url

@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from bittensor.signing import resolve_signer
 
 from iota.chain.base import Chain
 from iota.net.guard import GuardConfig, RequestGuard
 from iota.net.stream import MAGIC, Connection, StreamService, serve_connection
+
+if TYPE_CHECKING:
+    from bittensor.signing import WalletLike
+    from bittensor.sp_core import Keypair
 
 APP_GUARD = web.AppKey("iota_guard", RequestGuard)
 
@@ -33,6 +39,7 @@ async def serve(
     *,
     shutdown_timeout: float = 60.0,
     streams: StreamService | None = None,
+    wallet: WalletLike | None = None,
 ) -> AsyncIterator[str]:
     """Serve `app` on host:port (0 picks a free port) and yield its base URL; stop on exit.
 
@@ -42,7 +49,8 @@ async def serve(
     to 10 s so the peer can read the error instead of a reset).
 
     With `streams`, the same port also answers stream requests (iota.net.stream)
-    for that service, verified by the guard of `app` (a `signed_app`).
+    for that service, verified by the guard of `app` (a `signed_app`), and signs
+    every answer with `wallet`'s hotkey (the one the guard serves).
     """
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
@@ -52,7 +60,13 @@ async def serve(
             await site.start()
             yield _base_url(*runner.addresses[0][:2])
         else:
-            async with _serve_both(runner, app[APP_GUARD], streams, host, port) as url:
+            guard = app[APP_GUARD]
+            if wallet is None:
+                raise ValueError("serving streams needs the wallet whose hotkey signs their answers")
+            signer = resolve_signer(wallet, role="hotkey")
+            if signer.ss58_address != guard.hotkey:
+                raise ValueError(f"streams answer as {guard.hotkey}, not as the wallet's {signer.ss58_address}")
+            async with _serve_both(runner, guard, streams, signer, host, port) as url:
                 yield url
     finally:
         await runner.cleanup()
@@ -60,13 +74,13 @@ async def serve(
 
 @asynccontextmanager
 async def _serve_both(
-    runner: web.AppRunner, guard: RequestGuard, service: StreamService, host: str, port: int
+    runner: web.AppRunner, guard: RequestGuard, service: StreamService, signer: Keypair, host: str, port: int
 ) -> AsyncIterator[str]:
     tasks: set[asyncio.Task[None]] = set()
     undecided: set[_Sniffer] = set()  # connected, first byte not in yet
 
     def start_stream(conn: Connection) -> None:
-        task = asyncio.get_running_loop().create_task(serve_connection(conn, guard, service))
+        task = asyncio.get_running_loop().create_task(serve_connection(conn, guard, service, signer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
