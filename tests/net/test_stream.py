@@ -255,8 +255,8 @@ def test_a_server_that_never_answers_times_out(keys, chain):
 
 @pytest.mark.parametrize(
     "forgery",
-    ["honest", "unsigned", "signed_by_another_hotkey", "payload_swapped", "signed_for_another_request",
-     "refusal_signed_by_another_hotkey"],
+    ["honest", "unsigned", "signature_truncated", "signed_by_another_hotkey", "payload_swapped",
+     "signed_for_another_request", "refusal_signed_by_another_hotkey"],
 )
 def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_request(keys, chain, forgery):
     """A hand-written server answers the way an impostor or a tampering middlebox would."""
@@ -275,6 +275,9 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
         answer = {"status": 200, "digest": payload_digest(payload)}
         if forgery == "honest":
             answer = signed(keys.server, asked, answer)
+        elif forgery == "signature_truncated":
+            answer = signed(keys.server, asked, answer)
+            answer["signature"] = answer["signature"][:-2]
         elif forgery == "signed_by_another_hotkey":
             answer = signed(keys.stranger, asked, answer)
         elif forgery == "payload_swapped":

@@ -402,14 +402,16 @@ class StreamClient:
     ) -> None:
         """NetError unless `answer` and its `meta` are what `receiver` signed for our request."""
         where = f"stream://{target[0]}:{target[1]}"
-        signature = meta.get("signature")
-        try:
-            signature_bytes = bytes.fromhex(signature) if isinstance(signature, str) else b""
-        except ValueError:
-            signature_bytes = b""
         if receiver not in self._servers:
             self._servers[receiver] = Keypair(ss58_address=receiver)
-        if not (signature_bytes and self._servers[receiver].verify(answer_message(signed_request, meta), signature_bytes)):
+        signature = meta.get("signature")
+        try:
+            signed = isinstance(signature, str) and self._servers[receiver].verify(
+                answer_message(signed_request, meta), bytes.fromhex(signature)
+            )
+        except ValueError:  # not hex, or not 64 bytes long
+            signed = False
+        if not signed:
             raise NetError(f"{where} answered without {receiver}'s signature over this request's answer")
         if await digest_off_loop(answer) != meta.get("digest"):
             raise NetError(f"{where} answered with a payload that does not match the digest {receiver} signed")
