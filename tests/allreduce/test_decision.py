@@ -10,7 +10,8 @@ from iota.allreduce.decision import Decision, HaveSet, RoundFailed, propose
 from iota.chain import dev_keypair
 from iota.codec import Codec
 
-HOTKEYS = sorted(dev_keypair(f"iota-decision-{i}").ss58_address for i in range(4))
+KEYS = {key.ss58_address: key for key in (dev_keypair(f"iota-decision-{i}") for i in range(4))}
+HOTKEYS = sorted(KEYS)
 A, B, C, D = HOTKEYS
 PLAN = RoundPlan(Group("r", tuple(Member(h, "x") for h in HOTKEYS)), 4096, Codec(kind="raw"), 512)
 WEIGHTS = {A: 1.0, B: 2.0, C: 3.0, D: 4.0}
@@ -112,7 +113,7 @@ def test_a_holder_checks_parts_and_its_decision_register_is_write_once():
     good = codec.encode(torch.randn(part.end - part.begin))
 
     async def main():
-        holder = HolderRound(plan, A, AllReduceConfig(floor=60.0), Faults())
+        holder = HolderRound(plan, KEYS[A], AllReduceConfig(floor=60.0), Faults())
         try:
             await holder.receive(B, part.index, 2.0, good, remote=True)
             damaged = bytearray(good)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import torch
 
+from iota.allreduce.holder import ATTESTATION_BYTES
 from iota.allreduce import (
     AllReduceConfig,
     AllReducePeer,
@@ -98,7 +99,8 @@ def test_a_healthy_round_moves_each_part_once():
     plan, traffic = asyncio.run(main())
     vector_frames = sum(plan.frame_bytes(s) for s in range(plan.size))
     for shard, owner in enumerate(plan.members):
-        parts = vector_frames + 3 * plan.frame_bytes(shard)  # its parts of every shard, its shard's mean
+        # its parts of every shard, its shard's mean (each part after its attestation)
+        parts = vector_frames + 3 * (plan.frame_bytes(shard) + ATTESTATION_BYTES * len(plan.shard_parts[shard]))
         assert parts <= traffic[owner]["sent"] < parts + 20_000  # + have-sets, decisions, Gram matrices
         assert parts <= traffic[owner]["received"] < parts + 20_000
 

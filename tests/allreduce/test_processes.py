@@ -68,7 +68,7 @@ def check_round(swarm: Swarm, round_index: int, survivors: list[int]) -> dict:
     for key in ("contributors", "excluded", "decision", "fingerprint"):
         assert all(r[key] == reports[0][key] for r in reports), key
     report = reports[0]
-    assert all(s["complete"] and s["served_by"] for r in reports for s in r["shards"])
+    assert all(s["complete"] and (s["served_by"] or s["relayed_by"]) for r in reports for s in r["shards"])
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in reports)
     # The mean the survivors hold is the exact weighted mean of the reported contributors.
     exact = swarm.exact_mean(round_index, report["contributors"])
@@ -165,6 +165,32 @@ def test_a_corrupted_part_excludes_its_sender_and_is_reported(swarms, tmp_path):
     report = check_round(swarm, 0, [0, 1, 2, 3])
     assert set(report["contributors"]) == {hotkey(i) for i in range(3)}
     assert "checksum" in report["excluded"][hotkey(bad)]
+
+
+@pytest.mark.parametrize("liar", [False, True], ids=["honest-relays", "first-relay-lies"])
+def test_a_peer_no_holder_serves_gets_the_attested_mean_from_a_member_that_fetched_it(swarms, tmp_path, liar):
+    # The owner of shard 1 serves every peer but one (as if the link between them were down)
+    # and its backup serves no mean at all: without relays, that one peer would raise while
+    # the others complete. The member it asks first may hand on damaged means: the holder's
+    # attestation does not fit them, and the next member's do.
+    first, owner, backup, cut_off = (sorted_index(4, position) for position in range(4))
+    faults = {owner: {"withhold_means_from": hotkey(cut_off)}, backup: {"serve_no_means": True}}
+    if liar:
+        faults[first] = {"corrupt_relays": True}
+    swarm = launch(swarms, tmp_path, 4, one_round(), faults=faults)
+    swarm.wait_results([0, 1, 2, 3], timeout=60)
+    report = check_round(swarm, 0, [0, 1, 2, 3])
+    assert set(report["contributors"]) == {hotkey(i) for i in range(4)}
+    lines = swarm.round_results(0, [0, 1, 2, 3])
+    shard = lines[cut_off]["report"]["shards"][1]
+    assert shard["served_by"] == [] and shard["relayed_by"] and hotkey(cut_off) not in shard["relayed_by"]
+    assert (hotkey(first) in shard["relayed_by"]) == (not liar)
+    # Everyone else got every shard from a holder; shard 2, whose owner serves no one but
+    # itself, from its backup.
+    for i, line in lines.items():
+        if i != cut_off:
+            assert all(s["relayed_by"] == [] for s in line["report"]["shards"])
+        assert line["report"]["shards"][2]["served_by"] == [hotkey(backup if i == backup else cut_off)]
 
 
 def test_losing_both_holders_of_a_shard_fails_the_round_on_every_survivor(swarms, tmp_path):

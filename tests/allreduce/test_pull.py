@@ -19,7 +19,8 @@ from iota.codec import Codec
 from iota.net import NetError
 from iota.net.stream import payload_digest
 
-HOTKEYS = sorted(dev_keypair(f"iota-pull-{i}").ss58_address for i in range(4))
+KEYS = {key.ss58_address: key for key in (dev_keypair(f"iota-pull-{i}") for i in range(4))}
+HOTKEYS = sorted(KEYS)
 CODEC = Codec.from_string("int8/b64")
 CONFIG = AllReduceConfig(part_bytes=4096, floor=0.5)
 
@@ -49,7 +50,7 @@ def test_a_backup_pulls_once_per_sender_and_a_bad_pulled_frame_excludes_nobody()
         return bytes(frame)
 
     async def main():
-        holder = HolderRound(plan, backup, CONFIG, Faults())
+        holder = HolderRound(plan, KEYS[backup], CONFIG, Faults())
         holder.fetch = fetch
         for p in plan.shard_parts[0]:  # what this peer sent its owner
             holder.keep(p, frames[backup][p], payload_digest(frames[backup][p]))
@@ -100,7 +101,7 @@ def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(a_sender_i
     )
 
     async def main():
-        holder = HolderRound(plan, backup, CONFIG, Faults())
+        holder = HolderRound(plan, KEYS[backup], CONFIG, Faults())
         holder.fetch = fetch
         for p in plan.shard_parts[0]:
             holder.keep(p, frames[backup][p], payload_digest(frames[backup][p]))

@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 import torch
+from bittensor.sp_core import Keypair
 
 import iota.allreduce.holder as holder_module
 from iota.allreduce import AllReduceConfig, Group, Member, RoundPlan
 from iota.allreduce.decision import Decision
 from iota.allreduce.faults import Faults
-from iota.allreduce.holder import HolderRound, reduce_part
+from iota.allreduce.holder import HolderRound, mean_message, reduce_part
 from iota.chain import dev_keypair
 from iota.codec import Codec
 
@@ -35,7 +36,8 @@ def test_reduce_part_is_the_fused_weighted_sum_and_its_gram():
     assert float((products - exact).abs().max() / exact.abs().max()) < 1e-5
 
 
-HOTKEYS = sorted(dev_keypair(f"iota-guess-{i}").ss58_address for i in range(4))
+KEYS = {key.ss58_address: key for key in (dev_keypair(f"iota-guess-{i}") for i in range(4))}
+HOTKEYS = sorted(KEYS)
 WEIGHTS = dict(zip(HOTKEYS, [1.0, 2.0, 0.5, 1.5]))
 
 
@@ -57,7 +59,7 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
     monkeypatch.setattr(holder_module, "reduce_part", counted)
 
     async def main():
-        holder = HolderRound(plan, owner, AllReduceConfig(floor=60.0), Faults())
+        holder = HolderRound(plan, KEYS[owner], AllReduceConfig(floor=60.0), Faults())
         try:
             for sender in HOTKEYS:
                 for p in parts:
@@ -70,15 +72,20 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
             decision = Decision(counted_in, {0: {h: complete[h] for h in counted_in}},
                                 {excluded: "test"} if excluded else {})
             holder.record(decision)
-            return [await holder.result(p, decision.key) for p in parts], counted_in
+            return [await holder.attested_result(p, decision.key) for p in parts], counted_in, decision.key
         finally:
             holder.stop()
 
-    means, counted_in = asyncio.run(main())
+    means, counted_in, key = asyncio.run(main())
     # A wrong guess is reduced again; a right one is not.
     assert len(reduced) == len(parts) * (2 if excluded else 1)
     total = sum(counted_in.values())
-    for p, mean in zip(parts, means):
+    owner_key = Keypair(ss58_address=owner)
+    for p, (attestation, mean) in zip(parts, means):
         inputs = [(frames[h][p], counted_in[h] / total) for h in sorted(counted_in)]
         expected, _ = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
         assert mean == expected
+        # The owner vouches for this mean of this part under this decision, and for nothing else.
+        assert owner_key.verify(mean_message(plan, p, key, mean), attestation)
+        assert not owner_key.verify(mean_message(plan, p, "another-decision", mean), attestation)
+        assert not owner_key.verify(mean_message(plan, p + 1, key, mean), attestation)

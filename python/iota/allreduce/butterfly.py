@@ -12,7 +12,9 @@ contributors, gather the reduced shards.
    register holding anything else fails the round. Every peer does this, so
    the first live register settles it for all of them.
 3. Gather: fetch each part of the mean from its owner, else its backup, under
-   that decision, checking it is that decision; then the inner products of
+   that decision, checking it is that decision; else from any member whose own
+   gather got it, checking the holder's attestation (so a holder that served
+   some peers and not others leaves none behind); then the inner products of
    the contributions to each shard (for validators).
 """
 
@@ -23,24 +25,28 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import torch
+from bittensor.sp_core import Keypair
 
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet, RoundFailed, propose
 from iota.allreduce.errors import AllReduceError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
-from iota.allreduce.holder import HolderRound, Refusal, stochastic_seed
+from iota.allreduce.holder import ATTESTATION_BYTES, HolderRound, Refusal, mean_message, stochastic_seed
 from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
 from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import NetError, PeerError, SignedClient, StreamClient
 from iota.net.stream import payload_digest
+
+if TYPE_CHECKING:
+    from iota.net.stream import Buffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +93,8 @@ class ButterflyRound:
         self.unreachable: dict[str, str] = {}
         self.closed_early: set[str] = set()  # holders that closed before all our parts arrived
         self.served_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
+        self.relayed_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
+        self.attested_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}  # holders, for relayed parts
         self.served_parts: set[int] = set()
         self.decision: Decision | None = None
         self.gram: list[list[float]] | None = None
@@ -115,6 +123,8 @@ class ButterflyRound:
         except RoundFailed as exc:
             report = self.report(time.monotonic() - started, error=str(exc))
             raise AllReduceError(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
+        finally:
+            self.holder.gather_ended()
         return AllReduceResult(mean, frames, self.report(time.monotonic() - started))
 
     # -- talking to holders -------------------------------------------------------
@@ -286,24 +296,42 @@ class ButterflyRound:
         async def fetch(part: Part) -> None:
             async with slots:
                 problems = []
-                for holder in self._sources(part.shard):
+                try:
+                    for holder in self._sources(part.shard):
+                        try:
+                            attestation, data = await self._result(holder, part, decision)
+                            await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+                        except (Refusal, PeerError) as exc:
+                            if exc.kind == "DecisionMismatch":
+                                raise RoundFailed(str(exc)) from None
+                            problems.append(f"{holder}: {exc}")
+                            continue
+                        except (NetError, CodecError) as exc:
+                            problems.append(f"{holder}: {exc}")
+                            self._lost(holder, "fetch the mean from", exc)
+                            continue
+                        frames[part.index] = data
+                        self.holder.relayable[part.index] = (decision.key, attestation, data)
+                        self.served_by[part.shard].add(holder)
+                        self.served_parts.add(part.index)
+                        return
+                finally:
+                    self.holder.tried(part.index)
+                # No holder serves us this part: a member whose own gather got it hands it on.
+                for member in self._relays():
                     try:
-                        data = await self._result(holder, part, decision)
+                        attester, data = await self._relayed(member, part, decision)
                         await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
-                    except (Refusal, PeerError) as exc:
-                        if exc.kind == "DecisionMismatch":
-                            raise RoundFailed(str(exc)) from None
-                        problems.append(f"{holder}: {exc}")
-                        continue
-                    except (NetError, CodecError) as exc:
-                        problems.append(f"{holder}: {exc}")
-                        self._lost(holder, "fetch the mean from", exc)
+                    except (Refusal, NetError, CodecError) as exc:  # PeerError is a NetError
+                        problems.append(f"{member} (relay): {exc}")
                         continue
                     frames[part.index] = data
-                    self.served_by[part.shard].add(holder)
+                    self.relayed_by[part.shard].add(member)
+                    self.attested_by[part.shard].add(attester)
                     self.served_parts.add(part.index)
                     return
-                raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}: {'; '.join(problems)}")
+                raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}, "
+                                  f"and no member had it: {'; '.join(problems)}")
 
         await run_all(fetch(part) for part in self._staggered())
         return mean, frames
@@ -314,7 +342,7 @@ class ButterflyRound:
         order = sorted(decision.contributors)
 
         async def fetch(shard: int) -> torch.Tensor | None:
-            for holder in (h for h in self._sources(shard) if h in self.served_by[shard]):
+            for holder in (h for h in self._sources(shard) if h in self.served_by[shard] | self.attested_by[shard]):
                 try:
                     if holder == self.me:
                         reply = await self.holder.gram(shard, decision.key)
@@ -347,13 +375,37 @@ class ButterflyRound:
         path = self._path(f"contributions/{part}")
         return await self._stream(sender, "GET", path, self.config.wait_bound(frame_bytes), max_response=frame_bytes)
 
-    async def _result(self, holder: str, part: Part, decision: Decision) -> bytes | bytearray:
+    async def _result(self, holder: str, part: Part, decision: Decision) -> tuple[bytes, Buffer]:
+        """`holder`'s attestation of the mean of `part`, and the mean."""
         if holder == self.me:
-            return await self.holder.result(part.index, decision.key)
+            return await self.holder.attested_result(part.index, decision.key)
         # The holder may still be reducing: everything it holds, at the slowest rate we wait for.
         timeout = self.config.wait_bound(self.plan.shard_bytes(holder) * self.plan.size)
         path = self._path(f"results/{part.index}", decision=decision.key)
-        return await self._stream(holder, "GET", path, timeout, max_response=part.frame_bytes)
+        return _attested(await self._stream(holder, "GET", path, timeout,
+                                            max_response=ATTESTATION_BYTES + part.frame_bytes))
+
+    def _relays(self) -> list[str]:
+        """Whom to ask for a part no holder serves us: every other member, known-dead last."""
+        return sorted((m for m in self.plan.members if m != self.me), key=lambda m: m in self.unreachable)
+
+    async def _relayed(self, member: str, part: Part, decision: Decision) -> tuple[str, Buffer]:
+        """The mean of `part` as `member`'s gather got it, and which holder attested it;
+        NetError unless a holder of the part's shard signed it for this round and decision."""
+        owner = self.plan.members[part.shard]
+        # The member may still be asking the holders for it, as long as we did.
+        timeout = self.config.wait_bound(self.plan.shard_bytes(owner) * self.plan.size)
+        path = self._path(f"relays/{part.index}", decision=decision.key)
+        attestation, data = _attested(await self._stream(member, "GET", path, timeout,
+                                                         max_response=ATTESTATION_BYTES + part.frame_bytes))
+        message = await asyncio.to_thread(mean_message, self.plan, part.index, decision.key, data)
+        for holder in self.plan.holders(part.shard):
+            try:
+                if Keypair(ss58_address=holder).verify(message, attestation):
+                    return holder, data
+            except ValueError:  # not a 64-byte signature
+                break
+        raise NetError(f"{member} handed on a mean of part {part.index} that no holder of shard {part.shard} signed")
 
     async def announce_done(self) -> None:
         """Tell every other member we fetch nothing more, so they can stop serving early.
@@ -377,7 +429,8 @@ class ButterflyRound:
         for s, (begin, end) in enumerate(self.plan.shards):
             owner, backup = self.plan.members[s], self.plan.members[(s + 1) % self.plan.size]
             complete = all(p in self.served_parts for p in self.plan.shard_parts[s])
-            shards.append(ShardReport(s, begin, end, owner, backup, sorted(self.served_by[s]), complete))
+            shards.append(ShardReport(s, begin, end, owner, backup, sorted(self.served_by[s]), complete,
+                                      sorted(self.relayed_by[s])))
         return AllReduceReport(
             round_id=self.plan.group.round_id,
             peer=self.me,
@@ -397,3 +450,8 @@ class ButterflyRound:
             gram=self.gram,
             error=error,
         )
+
+
+def _attested(answer: bytearray) -> tuple[bytes, memoryview]:
+    """A served mean's attestation and frame."""
+    return bytes(answer[:ATTESTATION_BYTES]), memoryview(answer)[ATTESTATION_BYTES:]

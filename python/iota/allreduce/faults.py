@@ -1,8 +1,9 @@
 """Deliberate misbehaviour of one peer, for chaos tests; the defaults do nothing.
 
 A peer dies by SIGKILL at a named point of the protocol (no cleanup, no
-goodbye: what a crash or the OOM killer does), sends late, or corrupts one
-part *before* signing it, so only the frame's own checksum can catch it.
+goodbye: what a crash or the OOM killer does), sends late, corrupts one
+part *before* signing it, so only the frame's own checksum can catch it, or
+as a holder serves its means to some peers only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+
+from iota.codec import Codec
 
 KILL_POINTS = ("before_send", "mid_send", "after_decision")
 
@@ -20,11 +23,18 @@ class Faults:
     parts delivered) or "after_decision" (as a holder, right after recording the
     contributor decision, before reducing or answering). `send_delay`: seconds to
     sleep before sending anything. `corrupt_part`: the n-th part this peer sends
-    gets one payload byte flipped."""
+    gets one payload byte flipped. `withhold_means_from`: as a holder, refuse every
+    mean to this hotkey (as if the link between them were down); `serve_no_means`:
+    refuse every mean to everyone (as if this holder had lost what it held);
+    `corrupt_relays`: every mean this peer hands on to another is a different one,
+    well-formed and checksummed (only the holder's attestation can tell)."""
 
     kill_at: str | None = None
     send_delay: float = 0.0
     corrupt_part: int | None = None
+    withhold_means_from: str | None = None
+    serve_no_means: bool = False
+    corrupt_relays: bool = False
 
     def __post_init__(self) -> None:
         if self.kill_at is not None and self.kill_at not in KILL_POINTS:
@@ -33,6 +43,16 @@ class Faults:
     def reached(self, point: str) -> None:
         if self.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def withholds_means_from(self, hotkey: str) -> bool:
+        return self.serve_no_means or hotkey == self.withhold_means_from
+
+    def tamper_relay(self, frame: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        if not self.corrupt_relays:
+            return frame
+        values = Codec.decode(frame)
+        values[0] += 1.0
+        return Codec.of_frame(frame).encode(values)
 
     def tamper(self, sent: int, frame: bytes | memoryview) -> bytes | memoryview:
         if sent != self.corrupt_part:

@@ -14,6 +14,12 @@ frame of a part is in, it reduces that part for "everyone, at the declared
 weights", which is what nearly every decision says. The decision then only
 confirms the guess (or the part is reduced again for what it does say), so the
 reduce runs while the scatter is still finishing instead of after it.
+
+Every mean a holder serves comes with its attestation: the holder's signature
+over the round, the part, the decision and the mean's digest (`mean_message`).
+Any member can check it, so a member that fetched a mean can hand it on
+(`relay`) to one that no holder serves (a holder gone after serving some
+peers, or cut off from some): then if any peer completes, all can.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,7 +45,13 @@ from iota.errors import CodecError
 from iota.net import NetError, Refused
 from iota.net.stream import payload_digest
 
+if TYPE_CHECKING:
+    from bittensor.sp_core import Keypair
+
 log = logging.getLogger(__name__)
+
+ATTESTATION_BYTES = 64  # an sr25519 signature: a served mean is its attestation, then its frame
+MEAN_CONTEXT = b"iota-allreduce-mean/1\n"
 
 class Refusal(Refused):
     """Why a holder will not take or serve something; the caller gets it as a PeerError."""
@@ -80,6 +93,13 @@ def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str 
     return digest or payload_digest(frame)
 
 
+def mean_message(plan: RoundPlan, part: int, decision_key: str, frame: bytes | bytearray | memoryview) -> bytes:
+    """What a holder signs for the mean of `part` it serves under a decision: bound to the
+    round (its id and plan) and to the decision, so it vouches for nothing else."""
+    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, payload_digest(frame))
+    return MEAN_CONTEXT + "\n".join(fields).encode()
+
+
 Contributors = tuple[tuple[str, float], ...]  # (sender, declared weight), sorted by sender
 
 
@@ -102,16 +122,17 @@ class HolderRound:
     """This peer's holder state for one round."""
 
     def __init__(
-        self, plan: RoundPlan, me: str, config: AllReduceConfig, faults: Faults, pool: BufferPool | None = None
+        self, plan: RoundPlan, signer: Keypair, config: AllReduceConfig, faults: Faults, pool: BufferPool | None = None
     ) -> None:
         self.plan = plan
-        self.me = me
+        self.signer = signer  # this peer's hotkey: it attests the means it serves
+        self.me: str = signer.ss58_address
         self.config = config
         self.faults = faults
         self.pool = pool or BufferPool()
         self._lent: list[torch.Tensor] = []  # pool buffers under `sent`, returned when the round stops
-        self.shards = plan.held_by(me)
-        self.parts = plan.held_parts(me)
+        self.shards = plan.held_by(self.me)
+        self.parts = plan.held_parts(self.me)
         self.held = frozenset(self.parts)
         self.traffic = Traffic()
         self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
@@ -125,6 +146,10 @@ class HolderRound:
         self.have: HaveSet | None = None
         self.decision: Decision | None = None
         self.results: dict[int, bytes] = {}
+        self.attestations: dict[int, bytes] = {}  # part -> our signature over its mean (`mean_message`)
+        # What this peer's own gather got (decision key, attestation, mean frame), for members no holder serves.
+        self.relayable: dict[int, tuple[str, bytes, bytes | bytearray | memoryview]] = {}
+        self._tried = {p.index: asyncio.Event() for p in plan.parts}  # our gather is done asking holders for it
         self.grams: dict[int, torch.Tensor] = {}  # shard -> inner products of the contributions, summed over parts
         self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
         self.opened = time.monotonic()
@@ -388,6 +413,8 @@ class HolderRound:
                     self.results[p], gram = await guess
                 else:
                     self.results[p], gram = await self._reduce_part(p, decided)
+                message = await asyncio.to_thread(mean_message, self.plan, p, self.decision.key, self.results[p])
+                self.attestations[p] = self.signer.sign(message)
                 self.grams[shard] = self.grams.get(shard, 0) + gram
                 del self.frames[p]  # the inputs are no longer needed
                 self._ready[p].set()
@@ -405,6 +432,40 @@ class HolderRound:
             raise Refusal(404, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
         await self._reduced([part], key)
         return self.results[part]
+
+    async def attested_result(self, part: int, key: str) -> tuple[bytes, bytes]:
+        """Our attestation of `result`, and `result`."""
+        frame = await self.result(part, key)
+        return self.attestations[part], frame
+
+    def tried(self, part: int) -> None:
+        """Our gather is done asking holders for `part` (whether one served it or not)."""
+        self._tried[part].set()
+
+    def gather_ended(self) -> None:
+        """Our gather stopped, complete or not: relays answer from what it got."""
+        for event in self._tried.values():
+            event.set()
+
+    async def relay(self, part: int, key: str) -> tuple[bytes, bytes | bytearray | memoryview]:
+        """The attested mean of `part` our gather got from a holder under the decision `key`,
+        once our gather is done asking holders for it; Refusal if it got none. Relays wait
+        on our asking holders only, never on our own relays: two peers short of the same
+        part cannot wait on each other."""
+        if part not in self._tried:
+            raise Refusal(404, "NoPart", f"round {self.plan.group.round_id} has no part {part}")
+        owner = self.plan.members[self.plan.parts[part].shard]
+        bound = self.config.wait_bound(self.plan.shard_bytes(owner) * self.plan.size)
+        try:
+            await asyncio.wait_for(self._tried[part].wait(), bound)
+        except asyncio.TimeoutError:
+            raise Refusal(409, "NotReady", f"{self.me} has no mean of part {part} to hand on yet") from None
+        if part not in self.relayable:
+            raise Refusal(404, "NotFetched", f"{self.me} got no mean of part {part} from a holder either")
+        decided, attestation, frame = self.relayable[part]
+        if decided != key:
+            raise Refusal(409, "DecisionMismatch", f"{self.me} gathered under decision {decided}, not {key}")
+        return attestation, frame
 
     async def gram(self, shard: int, key: str) -> dict[str, object]:
         """Inner products of the contributions to `shard` under the decision `key`:

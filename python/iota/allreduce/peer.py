@@ -130,7 +130,7 @@ class AllReducePeer:
         if not (codec.allow_nonfinite or await asyncio.to_thread(all_finite, vector)):
             raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
         plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
-        holder = HolderRound(plan, self.hotkey, self.config, self.faults, self.buffers)
+        holder = HolderRound(plan, self.signer, self.config, self.faults, self.buffers)
         try:
             self._rounds.open(holder)
         except GroupError:

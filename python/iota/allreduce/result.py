@@ -16,7 +16,9 @@ class ShardReport:
 
     `complete` is True when every part of the shard reached this peer under
     the round's decision (so it holds exactly the contributors' parts); when
-    a round fails, the shards not complete are what it lacked.
+    a round fails, the shards not complete are what it lacked. `relayed_by`
+    lists the members that handed on parts no holder served this peer (each
+    part checked against its holder's attestation).
     """
 
     index: int
@@ -26,6 +28,7 @@ class ShardReport:
     backup: str
     served_by: list[str]
     complete: bool
+    relayed_by: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class AllReduceResult:
     """
 
     mean: torch.Tensor
-    frames: list[bytes]
+    frames: list[bytes | bytearray | memoryview]
     report: AllReduceReport
 
     @cached_property

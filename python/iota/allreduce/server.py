@@ -3,7 +3,10 @@
 On streams (iota.net.stream: the bulk bytes, on persistent connections):
 
     POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
-    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision
+    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision, after
+                                                       the holder's attestation of it (`mean_message`)
+    GET  /allreduce/{round}/relays/{part}?fp=&decision=    the attested mean this peer's gather got from
+                                                       a holder, for a member no holder serves
     GET  /allreduce/{round}/contributions/{part}?fp=   this peer's own frame of a part (a backup pulls it)
 
 Over HTTP, on the same port (small JSON documents):
@@ -40,8 +43,8 @@ from iota.codec import Codec
 from iota.net import GuardConfig, StreamRequest, json_error, request_body, request_sender, route_policy, signed_app
 
 MAX_BLOCK = 4096  # the largest quantization block a codec accepts
-_STREAM_ROUTES = {("POST", "parts"), ("GET", "results"), ("GET", "contributions")}
-_STREAM_PATH = re.compile(r"/allreduce/(?P<round>[^/]+)/(?P<what>parts|results|contributions)/(?P<part>[^/]+)")
+_STREAM_ROUTES = {("POST", "parts"), ("GET", "results"), ("GET", "relays"), ("GET", "contributions")}
+_STREAM_PATH = re.compile(r"/allreduce/(?P<round>[^/]+)/(?P<what>parts|results|relays|contributions)/(?P<part>[^/]+)")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
@@ -126,7 +129,7 @@ class HolderStreams:
     def read_bound(self, nbytes: int) -> float:
         return self.config.wait_bound(nbytes)
 
-    async def handle(self, request: StreamRequest) -> bytes:
+    async def handle(self, request: StreamRequest) -> bytes | tuple[bytes | bytearray | memoryview, ...]:
         split = urlsplit(request.path)
         route = _STREAM_PATH.fullmatch(split.path)
         assert route is not None  # limit() let it through
@@ -141,10 +144,18 @@ class HolderStreams:
             return b""
         if route["what"] == "contributions":
             data = holder.contribution(part)
+            holder.traffic.sent += len(data)
+            return data
+        key = parameter(split.path, values, "decision", str)
+        if route["what"] == "relays":
+            attestation, frame = await holder.relay(part, key)
+            attested = (attestation, holder.faults.tamper_relay(frame))
+        elif holder.faults.withholds_means_from(request.sender.hotkey):
+            raise Refusal(503, "Withheld", f"{holder.me} serves no mean to {request.sender.hotkey} (a test fault)")
         else:
-            data = await holder.result(part, parameter(split.path, values, "decision", str))
-        holder.traffic.sent += len(data)
-        return data
+            attested = await holder.attested_result(part, key)
+        holder.traffic.sent += sum(len(piece) for piece in attested)
+        return attested
 
 
 def holder_app(hotkey: str, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:

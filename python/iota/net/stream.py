@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from iota.net.guard import RequestGuard
 
+Buffer = bytes | bytearray | memoryview
 MAGIC = b"\x00iota-stream/1\n"
 HEADER = struct.Struct("!IQ")
 MAX_META = 64 << 10
@@ -151,14 +152,16 @@ class Connection(asyncio.BufferedProtocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def send(self, meta: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
-        """One message; returns once the socket took all but a high-water mark of it."""
+    async def send(self, meta: dict[str, Any], *payload: Buffer) -> None:
+        """One message, its payload the pieces of `payload` back to back; returns once the
+        socket took all but a high-water mark of it."""
         if self._lost is not None or self.transport is None:
             raise ConnectionClosed(f"connection closed: {self._lost}")
         encoded = json.dumps(meta).encode()
-        self.transport.write(HEADER.pack(len(encoded), len(payload)) + encoded)
-        if payload:
-            self.transport.write(payload)
+        self.transport.write(HEADER.pack(len(encoded), sum(len(piece) for piece in payload)) + encoded)
+        for piece in payload:
+            if piece:
+                self.transport.write(piece)
         if self._paused:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
@@ -181,16 +184,19 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def payload_digest(payload: bytes | bytearray | memoryview) -> str:
-    """The digest a stream request's signature covers: BLAKE3-256, hex."""
-    return blake3.blake3(payload).hexdigest()
+def payload_digest(*payload: Buffer) -> str:
+    """The digest a stream request's signature covers: BLAKE3-256, hex, of the pieces back to back."""
+    hasher = blake3.blake3()
+    for piece in payload:
+        hasher.update(piece)
+    return hasher.hexdigest()
 
 
-async def digest_off_loop(payload: bytes | bytearray | memoryview) -> str:
+async def digest_off_loop(*payload: Buffer) -> str:
     """`payload_digest`, in a thread for a payload large enough to stall the loop."""
-    if len(payload) > SMALL_BODY:
-        return await asyncio.to_thread(payload_digest, payload)
-    return payload_digest(payload)
+    if sum(len(piece) for piece in payload) > SMALL_BODY:
+        return await asyncio.to_thread(payload_digest, *payload)
+    return payload_digest(*payload)
 
 
 def answer_message(request_signature: str, meta: dict[str, Any]) -> bytes:
@@ -226,8 +232,8 @@ class StreamService(Protocol):
     def read_bound(self, nbytes: int) -> float:
         """Seconds a payload of `nbytes` may take to arrive (and the next request, if 0)."""
 
-    async def handle(self, request: StreamRequest) -> bytes:
-        """The answer's payload; Refused for a reasoned refusal."""
+    async def handle(self, request: StreamRequest) -> Buffer | tuple[Buffer, ...]:
+        """The answer's payload, or the pieces it is made of; Refused for a reasoned refusal."""
 
 
 async def serve_connection(conn: Connection, guard: RequestGuard, service: StreamService, signer: Keypair) -> None:
@@ -287,8 +293,9 @@ async def _answer(
     except Refused as refusal:
         await _refuse(conn, signer, request_signature, refusal)
         return True
-    await conn.send(_signed(signer, request_signature, {"status": 200, "digest": await digest_off_loop(answer)}),
-                    answer)
+    pieces = answer if isinstance(answer, tuple) else (answer,)
+    await conn.send(_signed(signer, request_signature, {"status": 200, "digest": await digest_off_loop(*pieces)}),
+                    *pieces)
     return True
 
 
