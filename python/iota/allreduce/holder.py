@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 ATTESTATION_BYTES = 64  # an sr25519 signature: a served mean is its attestation, then its frame
 MEAN_CONTEXT = b"iota-allreduce-mean/1\n"
 
+
 class Refusal(Refused):
     """Why a holder will not take or serve something; the caller gets it as a PeerError."""
 
