@@ -295,46 +295,59 @@ class ButterflyRound:
 
         async def fetch(part: Part) -> None:
             async with slots:
-                problems = []
+                problems: list[str] = []
                 try:
-                    for holder in self._sources(part.shard):
-                        try:
-                            attestation, data = await self._result(holder, part, decision)
-                            await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
-                        except (Refusal, PeerError) as exc:
-                            if exc.kind == "DecisionMismatch":
-                                raise RoundFailed(str(exc)) from None
-                            problems.append(f"{holder}: {exc}")
-                            continue
-                        except (NetError, CodecError) as exc:
-                            problems.append(f"{holder}: {exc}")
-                            self._lost(holder, "fetch the mean from", exc)
-                            continue
-                        frames[part.index] = data
-                        self.holder.relayable[part.index] = (decision.key, attestation, data)
-                        self.served_by[part.shard].add(holder)
-                        self.served_parts.add(part.index)
-                        return
+                    data = await self._from_holders(part, decision, mean, problems)
                 finally:
                     self.holder.tried(part.index)
-                # No holder serves us this part: a member whose own gather got it hands it on.
-                for member in self._relays():
-                    try:
-                        attester, data = await self._relayed(member, part, decision)
-                        await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
-                    except (Refusal, NetError, CodecError) as exc:  # PeerError is a NetError
-                        problems.append(f"{member} (relay): {exc}")
-                        continue
-                    frames[part.index] = data
-                    self.relayed_by[part.shard].add(member)
-                    self.attested_by[part.shard].add(attester)
-                    self.served_parts.add(part.index)
-                    return
-                raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}, "
-                                  f"and no member had it: {'; '.join(problems)}")
+                if data is None:  # no holder serves us this part: a member whose own gather got it hands it on
+                    data = await self._from_relays(part, decision, mean, problems)
+                if data is None:
+                    raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}, "
+                                      f"and no member had it: {'; '.join(problems)}")
+                frames[part.index] = data
+                self.served_parts.add(part.index)
 
         await run_all(fetch(part) for part in self._staggered())
         return mean, frames
+
+    async def _from_holders(
+        self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
+    ) -> Buffer | None:
+        """The mean of `part` from its owner, else its backup, decoded into `mean`; None if neither serves it."""
+        for holder in self._sources(part.shard):
+            try:
+                attestation, data = await self._result(holder, part, decision)
+                await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+            except (Refusal, PeerError) as exc:
+                if exc.kind == "DecisionMismatch":
+                    raise RoundFailed(str(exc)) from None
+                problems.append(f"{holder}: {exc}")
+                continue
+            except (NetError, CodecError) as exc:
+                problems.append(f"{holder}: {exc}")
+                self._lost(holder, "fetch the mean from", exc)
+                continue
+            self.holder.relayable[part.index] = (decision.key, attestation, data)
+            self.served_by[part.shard].add(holder)
+            return data
+        return None
+
+    async def _from_relays(
+        self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
+    ) -> Buffer | None:
+        """The mean of `part` as another member's gather got it, decoded into `mean`; None if none has it."""
+        for member in self._relays():
+            try:
+                attester, data = await self._relayed(member, part, decision)
+                await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+            except (Refusal, NetError, CodecError) as exc:  # PeerError is a NetError
+                problems.append(f"{member} (relay): {exc}")
+                continue
+            self.relayed_by[part.shard].add(member)
+            self.attested_by[part.shard].add(attester)
+            return data
+        return None
 
     async def gather_gram(self, decision: Decision) -> list[list[float]] | None:
         """The contributions' inner products: each shard's from a holder that served
