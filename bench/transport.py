@@ -45,7 +45,7 @@ async def timed(send: Callable[[], Awaitable[None]], bodies: int, inflight: int)
 async def over_http(signed: bool, body: bytes, bodies: int, inflight: int) -> tuple[float, float]:
     sender, receiver = dev_keypair("iota-bench-transport-a"), dev_keypair("iota-bench-transport-b")
     if signed:
-        app = signed_app(receiver.ss58_address, LocalChain({sender.ss58_address: "miner"}))
+        app = signed_app(receiver, LocalChain({sender.ss58_address: "miner"}))
 
         @route_policy(max_body=2 * len(body))
         async def take(request: web.Request) -> web.Response:
@@ -87,8 +87,8 @@ class Taker:
 
 async def over_signed_stream(body: bytes, bodies: int, inflight: int) -> tuple[float, float]:
     sender, receiver = dev_keypair("iota-bench-transport-a"), dev_keypair("iota-bench-transport-b")
-    app = signed_app(receiver.ss58_address, LocalChain({sender.ss58_address: "miner"}))
-    async with serve(app, streams=Taker(), wallet=receiver) as url:
+    app = signed_app(receiver, LocalChain({sender.ss58_address: "miner"}))
+    async with serve(app, streams=Taker()) as url:
         client = StreamClient(sender)
 
         async def send() -> None:

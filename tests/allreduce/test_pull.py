@@ -17,7 +17,7 @@ from iota.allreduce.holder import HolderRound, Refusal
 from iota.chain import dev_keypair
 from iota.codec import Codec
 from iota.net import NetError
-from iota.net.stream import payload_digest
+from iota.net.answers import payload_digest
 
 KEYS = {key.ss58_address: key for key in (dev_keypair(f"iota-pull-{i}") for i in range(4))}
 HOTKEYS = sorted(KEYS)

@@ -447,7 +447,7 @@ def test_request_guard_accepts_registered_hotkeys_and_refuses_others():
 
     async def main() -> None:
         async with make_chain(fake) as chain:
-            app = signed_app(OWNER.ss58_address, chain)
+            app = signed_app(OWNER, chain)
             app.router.add_get("/whoami", whoami)
             app.router.add_post("/validators-only", validators_only)
             async with serve(app, shutdown_timeout=0.5) as url, aiohttp.ClientSession() as session:

@@ -26,6 +26,7 @@ from iota.chain import LocalChain, generate_keypair
 from iota.net import (
     BodyTooLarge,
     GuardConfig,
+    JsonHTTPError,
     NetError,
     PeerError,
     SignedClient,
@@ -35,6 +36,15 @@ from iota.net import (
     route_policy,
     serve,
     signed_app,
+)
+
+from iota.net.answers import (
+    ANSWER_DIGEST,
+    ANSWER_SIGNATURE,
+    REQUEST_SIGNATURE,
+    AnswerChecker,
+    payload_digest,
+    sign_answer,
 )
 
 SMALL_LIMIT = 1 << 20
@@ -83,6 +93,14 @@ def build_app(
         record("conflict", request)
         return json_error(409, "RoundClosed", "the merge round already closed")
 
+    async def gone(request: web.Request) -> web.StreamResponse:
+        record("gone", request)
+        raise JsonHTTPError(410, "Gone", "raised deep in a handler")
+
+    async def empty(request: web.Request) -> web.StreamResponse:
+        record("empty", request)
+        return web.Response(status=204)
+
     @route_policy(public=True)
     async def health(request: web.Request) -> web.StreamResponse:
         try:
@@ -99,7 +117,7 @@ def build_app(
         server.received[request.path] = request.content.total_bytes
         return response
 
-    app = signed_app(keys.server.ss58_address, chain, config)
+    app = signed_app(keys.server, chain, config)
     app.middlewares.insert(0, count_received)
     app.router.add_post("/echo", echo)
     app.router.add_post("/validators-only", validators_only)
@@ -107,6 +125,8 @@ def build_app(
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/slow", slow)
     app.router.add_post("/conflict", conflict)
+    app.router.add_post("/gone", gone)
+    app.router.add_post("/empty", empty)
     app.router.add_get("/health", health)
     return app
 
@@ -252,12 +272,17 @@ def test_impersonating_another_registered_hotkey_is_refused(keys, chain):
 def test_request_for_another_receiver_is_refused(keys, chain, receiver):
     async def body(server, session):
         if receiver == "other":
+            headers = http_auth.sign(
+                keys.miner, method="POST", path="/echo", body=b"x", receiver_ss58=keys.validator.ss58_address
+            )
+            status, error = await send_raw(session, server, "/echo", headers=headers, body=b"x")
+            assert (status, error["error"]) == (401, "WrongReceiver")
+            # Our client takes no answer, not even a refusal, from a hotkey it did not address.
             client = SignedClient(keys.miner, session)
-            with pytest.raises(PeerError) as refused:
+            with pytest.raises(NetError, match="answered 401 without .*signature"):
                 await client.post_bytes(
                     server.url, "/echo", b"x", receiver=keys.validator.ss58_address, timeout=TIMEOUT
                 )
-            assert (refused.value.status, refused.value.kind) == (401, "WrongReceiver")
         else:
             headers = http_auth.sign(keys.miner, method="POST", path="/echo", body=b"x")
             status, error = await send_raw(session, server, "/echo", headers=headers, body=b"x")
@@ -439,3 +464,99 @@ def test_full_replay_cache_refuses_rather_than_forgets(keys, chain):
         assert "replay cache is full" in error["detail"]
 
     run(keys, chain, body, GuardConfig(replay_capacity=2))
+
+
+def test_every_answer_of_a_signed_app_is_signed_by_its_hotkey_for_the_request_it_answers(keys, chain):
+    """Successes, the handler's own refusals, refusals raised deep in a handler, the guard's
+    refusals and the router's 404/405: each carries the server's signature over its status
+    and its body's digest, bound to the request's signature."""
+    checker = AnswerChecker()
+
+    async def body(server, session):
+        cases = [  # (method, path, signed, expected status)
+            ("POST", "/echo", True, 200), ("GET", "/whoami", True, 200), ("POST", "/empty", True, 204),
+            ("POST", "/conflict", True, 409), ("POST", "/gone", True, 410), ("POST", "/echo", False, 401),
+            ("POST", "/no-such-route", True, 404), ("GET", "/echo", True, 405),
+        ]
+        for method, path, signed, status in cases:
+            headers = signed_headers(keys.miner, server, path, b"abc", method=method) if signed else {}
+            async with session.request(method, server.url + path, data=b"abc", headers=headers) as reply:
+                answer = await reply.read()
+                assert reply.status == status, (method, path)
+                assert reply.headers[ANSWER_DIGEST] == payload_digest(answer)
+                request_signature = headers.get(REQUEST_SIGNATURE, "")
+                await checker.check_http(server.hotkey, request_signature, status, reply.headers, answer, path)
+                # Bound to this request, this status and this server: nothing else verifies.
+                for hotkey, signature, answered in ((server.hotkey, "0x" + "00" * 64, status),
+                                                    (server.hotkey, request_signature, status + 1),
+                                                    (keys.miner.ss58_address, request_signature, status)):
+                    with pytest.raises(NetError, match="without .*signature"):
+                        await checker.check_http(hotkey, signature, answered, reply.headers, answer, path)
+
+    run(keys, chain, body)
+
+
+FORGERIES = ["honest", "unsigned", "signed_by_another_hotkey", "body_swapped", "signed_for_another_request",
+             "refusal_unsigned", "refusal_signed_by_another_hotkey", "honest_refusal"]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_client_takes_an_http_answer_only_if_the_addressed_server_signed_it(keys, forgery):
+    """A hand-written impostor at the server's address answers the second of two requests
+    (the first is answered honestly, so it has a genuine answer to replay)."""
+    honest_body, answered = b"the real decision", []
+
+    def signed(signer: Any, request_signature: str, status: int, answer: bytes) -> dict[str, str]:
+        digest = payload_digest(answer)
+        return {ANSWER_DIGEST: digest,
+                ANSWER_SIGNATURE: sign_answer(signer, request_signature, {"status": status, "digest": digest})}
+
+    async def impostor(request: web.Request) -> web.StreamResponse:
+        request_signature = request.headers[REQUEST_SIGNATURE]
+        if not answered or forgery == "honest":
+            answered.append(signed(keys.server, request_signature, 200, honest_body))
+            return web.Response(body=honest_body, headers=answered[-1])
+        refusal = b'{"error": "RoundClosed", "detail": "go away"}'
+        json_type = {"Content-Type": "application/json"}
+        if forgery == "unsigned":
+            return web.Response(body=honest_body)
+        if forgery == "signed_by_another_hotkey":
+            return web.Response(body=honest_body, headers=signed(keys.stranger, request_signature, 200, honest_body))
+        if forgery == "body_swapped":
+            return web.Response(body=b"a forged decision", headers=signed(keys.server, request_signature, 200,
+                                                                           honest_body))
+        if forgery == "signed_for_another_request":
+            return web.Response(body=honest_body, headers=answered[0])
+        if forgery == "refusal_unsigned":
+            return web.Response(status=409, body=refusal, headers=json_type)
+        if forgery == "refusal_signed_by_another_hotkey":
+            return web.Response(status=409, body=refusal,
+                                headers={**json_type, **signed(keys.stranger, request_signature, 409, refusal)})
+        assert forgery == "honest_refusal"
+        return web.Response(status=409, body=refusal,
+                            headers={**json_type, **signed(keys.server, request_signature, 409, refusal)})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/decision", impostor)
+        async with serve(app, shutdown_timeout=0.5) as url, aiohttp.ClientSession() as session:
+            client = SignedClient(keys.miner, session)
+
+            async def ask() -> bytes:
+                return await client.post_bytes(url, "/decision", b"x", receiver=keys.server.ss58_address,
+                                               timeout=TIMEOUT)
+
+            assert await ask() == honest_body
+            if forgery == "honest":
+                assert await ask() == honest_body
+            elif forgery == "honest_refusal":
+                with pytest.raises(PeerError) as refused:
+                    await ask()
+                assert (refused.value.status, refused.value.kind) == (409, "RoundClosed")
+            else:
+                with pytest.raises(NetError) as rejected:
+                    await ask()
+                assert not isinstance(rejected.value, PeerError)
+                assert "signature" in str(rejected.value) or "digest" in str(rejected.value)
+
+    asyncio.run(main())

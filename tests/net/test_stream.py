@@ -19,7 +19,8 @@ from bittensor import http_auth
 from iota._C import unfilled_bytearray
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
-from iota.net.stream import EMPTY_DIGEST, HEADER, MAGIC, SIGNATURE_HEADER, answer_message, payload_digest
+from iota.net.answers import EMPTY_DIGEST, REQUEST_SIGNATURE, answer_message, payload_digest
+from iota.net.stream import HEADER, MAGIC
 
 LIMIT = 4 << 20
 TIMEOUT = 30.0
@@ -50,7 +51,7 @@ class Echo:
 
 @asynccontextmanager
 async def serving(keys: SimpleNamespace, chain: LocalChain, idle: float = 5.0) -> AsyncIterator[tuple[str, Echo]]:
-    app = signed_app(keys.server.ss58_address, chain)
+    app = signed_app(keys.server, chain)
 
     async def hello(request: web.Request) -> web.Response:
         return web.json_response({"hello": True})
@@ -58,7 +59,7 @@ async def serving(keys: SimpleNamespace, chain: LocalChain, idle: float = 5.0) -
     app.router.add_get("/hello", hello)
     echo = Echo()
     echo.idle = idle
-    async with serve(app, shutdown_timeout=0.5, streams=echo, wallet=keys.server) as url:
+    async with serve(app, shutdown_timeout=0.5, streams=echo) as url:
         yield url, echo
 
 
@@ -270,7 +271,7 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
         meta_len, payload_len = HEADER.unpack(await reader.readexactly(HEADER.size))
         request = json.loads(await reader.readexactly(meta_len))
         await reader.readexactly(payload_len)
-        asked = request["headers"][SIGNATURE_HEADER]
+        asked = request["headers"][REQUEST_SIGNATURE]
         sent = payload
         answer = {"status": 200, "digest": payload_digest(payload)}
         if forgery == "honest":

@@ -28,7 +28,7 @@ from iota.chain import LocalChain, dev_keypair
 from iota.model import Pipeline, load_checkpoint
 from iota.model.boundary import BoundaryLink
 from iota.model.recipe import Recipe
-from iota.net import GuardConfig, PeerError, SignedClient, serve
+from iota.net import GuardConfig, NetError, PeerError, SignedClient, serve
 from iota.orchestrator.client import OrchestratorClient
 from iota.orchestrator.config import OrchestratorConfig
 from iota.orchestrator.service import MAX_WEIGHTS_BODY, Orchestrator
@@ -127,7 +127,7 @@ class Harness:
 @asynccontextmanager
 async def running(store: Store, recipe: Recipe | None = TINY,
                   config: OrchestratorConfig | None = None) -> AsyncIterator[Harness]:
-    orchestrator = Orchestrator(store, HOTKEY["orchestrator"], make_chain(), recipe, config)
+    orchestrator = Orchestrator(store, KEYS["orchestrator"], make_chain(), recipe, config)
     async with serve(orchestrator.app(), shutdown_timeout=0.5) as url, aiohttp.ClientSession() as session:
         yield Harness(orchestrator, url, session)
 
@@ -459,10 +459,15 @@ def test_refusals_carry_the_json_error_body(store: Store) -> None:
         async with h.session.post(h.url + "/lease", json={}) as reply:
             assert reply.status == 401
             assert await reply.json() == {"error": "Unsigned", "detail": (await reply.json())["detail"]}
-        # Signed for another receiver.
+        # Signed for another receiver: refused, and our client takes no answer signed by
+        # another hotkey than the one it addressed.
+        headers = http_auth.sign(KEYS["miner-a"], method="POST", path="/lease", body=b"{}",
+                                 receiver_ss58=HOTKEY["miner-b"])
+        async with h.session.post(h.url + "/lease", data=b"{}", headers=headers) as reply:
+            assert reply.status == 401 and (await reply.json())["error"] == "WrongReceiver"
         wrong = SignedClient(KEYS["miner-a"], h.session)
-        assert await h.refusal(wrong.post_json(h.url, "/lease", {}, receiver=HOTKEY["miner-b"],
-                                               timeout=TIMEOUT)) == (401, "WrongReceiver")
+        with pytest.raises(NetError, match="without .*signature"):
+            await wrong.post_json(h.url, "/lease", {}, receiver=HOTKEY["miner-b"], timeout=TIMEOUT)
         # A tampered body no longer matches its signature.
         headers = http_auth.sign(KEYS["miner-a"], method="POST", path="/lease", body=b"{}",
                                  receiver_ss58=HOTKEY["orchestrator"])
@@ -734,29 +739,29 @@ def test_a_restart_on_the_same_store_keeps_the_run(tmp_path: Path) -> None:
 
         run(second, resume, recipe=None)
         with pytest.raises(ValueError, match="different recipe"):
-            Orchestrator(second, HOTKEY["orchestrator"], make_chain(), Recipe.from_dict({**TINY.to_dict(),
+            Orchestrator(second, KEYS["orchestrator"], make_chain(), Recipe.from_dict({**TINY.to_dict(),
                                                                                          "samples": 7}))
         # The same recipe given again is fine.
-        assert Orchestrator(second, HOTKEY["orchestrator"], make_chain(), TINY).recipe == TINY
+        assert Orchestrator(second, KEYS["orchestrator"], make_chain(), TINY).recipe == TINY
     finally:
         second.close()
 
     empty = Store(tmp_path / "other" / "orchestrator.sqlite")
     try:
         with pytest.raises(ValueError, match="give a recipe"):
-            Orchestrator(empty, HOTKEY["orchestrator"], make_chain(), None)
+            Orchestrator(empty, KEYS["orchestrator"], make_chain(), None)
     finally:
         empty.close()
 
 
 def test_a_first_start_killed_before_it_stored_the_recipe_starts_cleanly_again(store: Store) -> None:
-    Orchestrator(store, HOTKEY["orchestrator"], make_chain(), TINY)
+    Orchestrator(store, KEYS["orchestrator"], make_chain(), TINY)
     digests = [store.latest_version(s).digest for s in range(TINY.stages)]
     # What a SIGKILL between writing the initial weights and the recipe leaves behind.
     store.db.execute("DELETE FROM meta WHERE key='recipe'")
     with pytest.raises(ValueError, match="give a recipe"):
-        Orchestrator(store, HOTKEY["orchestrator"], make_chain(), None)
-    orchestrator = Orchestrator(store, HOTKEY["orchestrator"], make_chain(), TINY)
+        Orchestrator(store, KEYS["orchestrator"], make_chain(), None)
+    orchestrator = Orchestrator(store, KEYS["orchestrator"], make_chain(), TINY)
     # Still one initial version per stage (version 0, the same weights): merged rounds number from 1.
     assert [(st["version"], st["digest"]) for st in orchestrator.state()["stages"]] == [(0, d) for d in digests]
     assert store.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0] == TINY.stages

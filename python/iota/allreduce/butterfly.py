@@ -43,10 +43,10 @@ from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
 from iota.net import NetError, PeerError, SignedClient, StreamClient
-from iota.net.stream import payload_digest
+from iota.net.answers import payload_digest
 
 if TYPE_CHECKING:
-    from iota.net.stream import Buffer
+    from iota.net.answers import Buffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

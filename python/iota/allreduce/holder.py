@@ -43,7 +43,7 @@ from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
 from iota.errors import CodecError
 from iota.net import NetError, Refused
-from iota.net.stream import payload_digest
+from iota.net.answers import payload_digest
 
 if TYPE_CHECKING:
     from bittensor.sp_core import Keypair

@@ -76,10 +76,10 @@ class AllReducePeer:
     async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[AllReducePeer]:
         """Serve on host:port (0: any free port; see `address`) until the block exits."""
         self._rounds = Rounds(self.config)
-        app = holder_app(self.hotkey, self.chain, self._rounds, self.guard)
+        app = holder_app(self.signer, self.chain, self._rounds, self.guard)
         streams = HolderStreams(self._rounds)
         async with (
-            serve(app, host, port, shutdown_timeout=self.config.floor, streams=streams, wallet=self.signer) as url,
+            serve(app, host, port, shutdown_timeout=self.config.floor, streams=streams) as url,
             aiohttp.ClientSession() as session,
         ):
             self.address = url

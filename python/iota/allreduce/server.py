@@ -29,7 +29,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
@@ -41,6 +41,9 @@ from iota.allreduce.holder import HolderRound, Refusal
 from iota.chain import Chain
 from iota.codec import Codec
 from iota.net import GuardConfig, StreamRequest, json_error, request_body, request_sender, route_policy, signed_app
+
+if TYPE_CHECKING:
+    from bittensor.signing import WalletLike
 
 MAX_BLOCK = 4096  # the largest quantization block a codec accepts
 _STREAM_ROUTES = {("POST", "parts"), ("GET", "results"), ("GET", "relays"), ("GET", "contributions")}
@@ -158,7 +161,7 @@ class HolderStreams:
         return attested
 
 
-def holder_app(hotkey: str, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:
+def holder_app(wallet: WalletLike, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:
     """The signed aiohttp app serving this peer's holder role in every open round
     (serve it with `streams=HolderStreams(rounds)` for the parts and means)."""
 
@@ -211,7 +214,7 @@ def holder_app(hotkey: str, chain: Chain, rounds: Rounds, guard: GuardConfig | N
     # A round already let go of has nothing to release: no waiting for it.
     post_done = route_policy(max_body=0)(answer(done, wait=False))
 
-    app = signed_app(hotkey, chain, guard)
+    app = signed_app(wallet, chain, guard)
     app.router.add_get("/allreduce/{round}/have", get_have)
     app.router.add_post("/allreduce/{round}/decision", post_decision)
     app.router.add_get("/allreduce/{round}/grams/{shard}", get_gram)

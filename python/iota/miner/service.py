@@ -232,7 +232,7 @@ class Miner:
     # -- serving -------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = signed_app(self.hotkey, self.chain)
+        app = signed_app(self.signer, self.chain)
         app.router.add_post("/forward", self.handle_forward)
         app.router.add_post("/backward", self.handle_backward)
         app.router.add_post("/audit", self.handle_audit)

@@ -13,6 +13,7 @@ from bittensor import http_auth
 from bittensor.signing import resolve_signer
 from yarl import URL
 
+from iota.net.answers import REQUEST_SIGNATURE, AnswerChecker
 from iota.net.body import check_part_size, iter_parts, read_bounded
 from iota.net.errors import BodyTooLarge, NetError, PeerError
 
@@ -57,6 +58,7 @@ class SignedClient:
         self.signer = resolve_signer(wallet, role="hotkey")
         self.session = session
         self.chunk_size = chunk_size
+        self._answers = AnswerChecker()
 
     @property
     def hotkey(self) -> str:
@@ -81,8 +83,9 @@ class SignedClient:
         any ?query), because that is what the signature covers. `timeout` is
         in seconds for the whole exchange, or an aiohttp.ClientTimeout.
         Raises PeerError on a non-2xx answer, BodyTooLarge if the answer
-        exceeds `max_response` bytes, NetError if the peer cannot be reached
-        or the timeout expires.
+        exceeds `max_response` bytes, NetError if the peer cannot be reached,
+        the timeout expires or the answer is not `receiver`'s signed answer to
+        this request (iota.net.answers).
         """
         if not path.startswith("/"):
             raise NetError(f"path {path!r} must start with '/'")
@@ -115,6 +118,9 @@ class SignedClient:
                     )
                 except BodyTooLarge:
                     raise BodyTooLarge(f"{url} sent a reply over the {max_response}-byte limit") from None
+                await self._answers.check_http(
+                    receiver, headers[REQUEST_SIGNATURE], response.status, response.headers, payload, str(url)
+                )
                 if not 200 <= response.status < 300:
                     raise _peer_error(response.status, payload, str(url))
                 return Reply(response.status, response.headers, payload)

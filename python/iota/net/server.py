@@ -9,25 +9,30 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from bittensor.signing import resolve_signer
+from bittensor.sp_core import Keypair
 
 from iota.chain.base import Chain
+from iota.net.answers import answer_signing_middleware
 from iota.net.guard import GuardConfig, RequestGuard
 from iota.net.stream import MAGIC, Connection, StreamService, serve_connection
 
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
-    from bittensor.sp_core import Keypair
 
 APP_GUARD = web.AppKey("iota_guard", RequestGuard)
+APP_SIGNER = web.AppKey("iota_signer", Keypair)
 
 
-def signed_app(hotkey: str, chain: Chain, config: GuardConfig | None = None) -> web.Application:
-    """An aiohttp app whose every route is guarded by a RequestGuard for `hotkey`."""
-    guard = RequestGuard(hotkey, chain, config)
+def signed_app(wallet: WalletLike, chain: Chain, config: GuardConfig | None = None) -> web.Application:
+    """An aiohttp app whose every route is guarded by a RequestGuard for `wallet`'s hotkey,
+    and whose every answer, refusals included, that hotkey signs (iota.net.answers)."""
+    signer = resolve_signer(wallet, role="hotkey")
+    guard = RequestGuard(signer.ss58_address, chain, config)
     # The guard reads bodies itself under its own limit; aiohttp's limit only
     # applies to request.read()/post(), which guarded handlers never call.
-    app = web.Application(middlewares=[guard.middleware])
+    app = web.Application(middlewares=[answer_signing_middleware(signer), guard.middleware])
     app[APP_GUARD] = guard  # streams served beside the app share its replay cache
+    app[APP_SIGNER] = signer  # and sign their answers as the app does
     return app
 
 
@@ -39,7 +44,6 @@ async def serve(
     *,
     shutdown_timeout: float = 60.0,
     streams: StreamService | None = None,
-    wallet: WalletLike | None = None,
 ) -> AsyncIterator[str]:
     """Serve `app` on host:port (0 picks a free port) and yield its base URL; stop on exit.
 
@@ -49,8 +53,8 @@ async def serve(
     to 10 s so the peer can read the error instead of a reset).
 
     With `streams`, the same port also answers stream requests (iota.net.stream)
-    for that service, verified by the guard of `app` (a `signed_app`), and signs
-    every answer with `wallet`'s hotkey (the one the guard serves).
+    for that service, verified by the guard of `app` (a `signed_app`), each answer
+    signed by the hotkey that signs the app's.
     """
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
@@ -60,13 +64,7 @@ async def serve(
             await site.start()
             yield _base_url(*runner.addresses[0][:2])
         else:
-            guard = app[APP_GUARD]
-            if wallet is None:
-                raise ValueError("serving streams needs the wallet whose hotkey signs their answers")
-            signer = resolve_signer(wallet, role="hotkey")
-            if signer.ss58_address != guard.hotkey:
-                raise ValueError(f"streams answer as {guard.hotkey}, not as the wallet's {signer.ss58_address}")
-            async with _serve_both(runner, guard, streams, signer, host, port) as url:
+            async with _serve_both(runner, app[APP_GUARD], streams, app[APP_SIGNER], host, port) as url:
                 yield url
     finally:
         await runner.cleanup()

@@ -21,7 +21,7 @@ BLAKE3-256: as strong as sha256 for this, and 2.2x faster here (3.2 against
 sender and by each receiver.
 
 Answers are signed too, by the server's hotkey, over the request's own signature
-and the answer's meta (`answer_message`): a client takes an answer, or a refusal,
+and the answer's meta (`iota.net.answers`): a client takes an answer, or a refusal,
 only from the server it addressed and only for the request it sent, so neither a
 forged mean nor a replayed or forged refusal gets past it. A connection
 carries one request at a time; clients open more connections for more at once.
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import blake3
 from bittensor import http_auth
 from bittensor.signing import resolve_signer
 from bittensor.sp_core import Keypair
@@ -50,22 +49,26 @@ from bittensor.sp_core import Keypair
 from iota._C import unfilled_bytearray
 from iota.chain.base import ROLES, Neuron
 from iota.net.errors import NetError, PeerError, Refused
-from iota.net.guard import SMALL_BODY
+from iota.net.answers import (
+    REQUEST_SIGNATURE,
+    AnswerChecker,
+    Buffer,
+    EMPTY_DIGEST,
+    digest_off_loop,
+    payload_digest,
+    sign_answer,
+)
 
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
 
     from iota.net.guard import RequestGuard
 
-Buffer = bytes | bytearray | memoryview
 MAGIC = b"\x00iota-stream/1\n"
 HEADER = struct.Struct("!IQ")
 MAX_META = 64 << 10
 DISCARD_PIECE = 1 << 20
 DISCARD_FACTOR = 4
-EMPTY_DIGEST = blake3.blake3(b"").hexdigest()
-ANSWER_CONTEXT = b"iota-stream-answer/1\n"
-SIGNATURE_HEADER = "X-Bittensor-Signature"  # of the btauth/1 request headers
 
 
 class ConnectionClosed(NetError):
@@ -184,31 +187,6 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def payload_digest(*payload: Buffer) -> str:
-    """The digest a stream request's signature covers: BLAKE3-256, hex, of the pieces back to back."""
-    hasher = blake3.blake3()
-    for piece in payload:
-        hasher.update(piece)
-    return hasher.hexdigest()
-
-
-async def digest_off_loop(*payload: Buffer) -> str:
-    """`payload_digest`, in a thread for a payload large enough to stall the loop."""
-    if sum(len(piece) for piece in payload) > SMALL_BODY:
-        return await asyncio.to_thread(payload_digest, *payload)
-    return payload_digest(*payload)
-
-
-def answer_message(request_signature: str, meta: dict[str, Any]) -> bytes:
-    """What a server signs for an answer: the signature of the request it answers (so the
-    answer fits that request alone) and the answer's meta but its signature (status,
-    refusal, the payload's digest), as canonical JSON."""
-    fields = {key: value for key, value in meta.items() if key != "signature"}
-    return ANSWER_CONTEXT + request_signature.encode() + b"\n" + json.dumps(
-        fields, sort_keys=True, separators=(",", ":")
-    ).encode()
-
-
 # -- server ----------------------------------------------------------------------------
 
 
@@ -261,7 +239,7 @@ async def _answer(
     """Answer one request; False if the connection must end (its payload was left unread)."""
     limit = 0
     headers = meta.get("headers")
-    request_signature = str(headers.get(SIGNATURE_HEADER, "")) if isinstance(headers, dict) else ""
+    request_signature = str(headers.get(REQUEST_SIGNATURE, "")) if isinstance(headers, dict) else ""
     try:
         method, path, digest = (meta.get(k) for k in ("method", "path", "digest"))
         if not (isinstance(method, str) and isinstance(path, str) and isinstance(headers, dict)):
@@ -300,7 +278,7 @@ async def _answer(
 
 
 def _signed(signer: Keypair, request_signature: str, meta: dict[str, Any]) -> dict[str, Any]:
-    return {**meta, "signature": signer.sign(answer_message(request_signature, meta)).hex()}
+    return {**meta, "signature": sign_answer(signer, request_signature, meta)}
 
 
 async def _refuse(conn: Connection, signer: Keypair, request_signature: str, refusal: Refused) -> None:
@@ -324,7 +302,7 @@ class StreamClient:
     def __init__(self, wallet: WalletLike) -> None:
         self.signer = resolve_signer(wallet, role="hotkey")
         self._idle: dict[tuple[str, int], list[Connection]] = {}
-        self._servers: dict[str, Keypair] = {}  # public keys of the receivers, to check their answers
+        self._answers = AnswerChecker()
 
     async def request(
         self,
@@ -374,7 +352,7 @@ class StreamClient:
                 )
                 await conn.send({"method": method, "path": path, "headers": headers, "digest": digest}, payload)
                 meta, payload_len = await conn.receive_header()
-                signed_request = headers[SIGNATURE_HEADER]
+                signed_request = headers[REQUEST_SIGNATURE]
             except ConnectionClosed:
                 conn.close()
                 if reused:
@@ -409,16 +387,7 @@ class StreamClient:
     ) -> None:
         """NetError unless `answer` and its `meta` are what `receiver` signed for our request."""
         where = f"stream://{target[0]}:{target[1]}"
-        if receiver not in self._servers:
-            self._servers[receiver] = Keypair(ss58_address=receiver)
-        signature = meta.get("signature")
-        try:
-            signed = isinstance(signature, str) and self._servers[receiver].verify(
-                answer_message(signed_request, meta), bytes.fromhex(signature)
-            )
-        except ValueError:  # not hex, or not 64 bytes long
-            signed = False
-        if not signed:
+        if not self._answers.signed_by(receiver, signed_request, meta, meta.get("signature")):
             raise NetError(f"{where} answered without {receiver}'s signature over this request's answer")
         if await digest_off_loop(answer) != meta.get("digest"):
             raise NetError(f"{where} answered with a payload that does not match the digest {receiver} signed")

@@ -162,7 +162,7 @@ async def orchestrator(directory: str, identity: Identity, recipe: Recipe | None
     async with identity.open_chain() as chain:
         store = Store(Path(directory) / "orchestrator.sqlite")
         try:
-            service = Orchestrator(store, identity.hotkey, chain, recipe, config)
+            service = Orchestrator(store, identity.keypair, chain, recipe, config)
 
             async def main() -> None:
                 async with serve(service.app(), host, port) as url:

@@ -13,10 +13,11 @@ import logging
 import math
 import time
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from aiohttp import web
+from bittensor.signing import resolve_signer
 
 import iota.data
 from iota.allreduce import OuterNesterov
@@ -32,6 +33,9 @@ from iota.orchestrator.assign import choose_stage, rebalance
 from iota.orchestrator.config import OrchestratorConfig
 from iota.orchestrator.store import StagePhase, Store
 
+if TYPE_CHECKING:
+    from bittensor.signing import WalletLike
+
 log = logging.getLogger(__name__)
 
 MAX_WEIGHTS_BODY = 1 << 30
@@ -40,9 +44,10 @@ MAX_WEIGHTS_BODY = 1 << 30
 class Orchestrator:
     """One run's control plane over `store`; `recipe` is required on the first start only."""
 
-    def __init__(self, store: Store, hotkey: str, chain: Chain, recipe: Recipe | None = None,
+    def __init__(self, store: Store, wallet: WalletLike, chain: Chain, recipe: Recipe | None = None,
                  config: OrchestratorConfig | None = None) -> None:
-        self.store, self.hotkey, self.chain = store, hotkey, chain
+        self.signer = resolve_signer(wallet, role="hotkey")  # signs every answer of the app
+        self.store, self.hotkey, self.chain = store, self.signer.ss58_address, chain
         self.config = config or OrchestratorConfig()
         stored = store.get_meta("recipe")
         if stored is None:
@@ -83,7 +88,7 @@ class Orchestrator:
     # -- the app ----------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = signed_app(self.hotkey, self.chain)
+        app = signed_app(self.signer, self.chain)
         app.router.add_post("/register", self.register)
         app.router.add_post("/heartbeat", self.heartbeat)
         app.router.add_post("/lease", self.lease)
