@@ -6,8 +6,8 @@ signing, no compression, no fault tolerance), then with iota.allreduce for
 each codec. Per codec: seconds per round (from the last peer joining to the
 last one finishing, as gloo is timed from a barrier; median over --repeats)
 beside gloo's, the CPU seconds all peers spent in it (summed; beside
-seconds x cores this tells a CPU-bound round from a link-bound one), the
-slowest peer's seconds in each phase (scatter, decide, gather), and
+seconds x cores this tells a CPU-bound round from a link-bound one), their
+minor page faults and context switches (summed), the slowest peer's seconds in each phase (scatter, decide, gather), and
 body bytes each peer sent and received per round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
 the fp32 vector. Prints JSON lines.
 
@@ -256,11 +256,13 @@ def main() -> None:
         lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
-        seconds, cpu, sent, received, failures, phases = [], [], [], [], [], []
+        seconds, cpu, faults, switches, sent, received, failures, phases = [], [], [], [], [], [], [], []
         for round_id in round_ids:
             round_lines = [next(x for x in lines[i] if x.get("round_id") == round_id) for i in range(world)]
             per_peer = [x["report"] for x in round_lines]
             cpu.append(sum(x["cpu_seconds"] for x in round_lines))
+            faults.append(sum(x["minor_faults"] for x in round_lines))
+            switches.append(sum(x["context_switches"] for x in round_lines))
             failures += [r["error"] for r in per_peer if r["error"]]
             # The slowest peer's phases: where the round's wall time went.
             phases.append(max(per_peer, key=lambda r: r["duration"])["phases"])
@@ -278,6 +280,8 @@ def main() -> None:
             "bench": "iota.allreduce", "link": link, "codec": codec, "seconds": median, "rounds": seconds,
             "gloo_seconds": gloo_seconds, "time_vs_gloo": median / gloo_seconds,
             "cpu_seconds_all_peers": statistics.median(cpu),
+            "minor_faults_all_peers": statistics.median(faults),
+            "context_switches_all_peers": statistics.median(switches),
             "phase_seconds_slowest_peer": {p: statistics.median(x.get(p, 0.0) for x in phases) for p in phases[0]},
             "sent_per_peer": statistics.mean(sent), "received_per_peer": statistics.mean(received),
             "wire_seconds": wire_seconds(max(statistics.mean(sent), statistics.mean(received)), bits_per_second),

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "block_pool.h"
 #include "codec_math.h"
 #include "frame.h"
 #include "plan.h"
@@ -268,16 +269,26 @@ PYBIND11_MODULE(_C, m) {
         "Header bytes and section offsets of a frame, for backends that fill scales and codes themselves.");
   m.def("seal", &seal, py::arg("frame"), "Write the checksum into the last 8 bytes of a writable frame.");
   m.def("checksum", &checksum_of, py::arg("data"), "XXH64 (seed 0) of a buffer.");
+  py::class_<ByteBlock>(m, "ByteBlock", py::buffer_protocol(),
+                        "A writable block of bytes from the process's block pool, given back when it is freed.")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def("__len__", &ByteBlock::size)
+      .def_buffer([](ByteBlock& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {(py::ssize_t)b.size()},
+                               {(py::ssize_t)1});
+      });
   m.def(
-      "unfilled_bytearray",
-      [](Py_ssize_t size) {
-        if (size < 0) throw py::value_error("negative size");
-        // bytearray(size) zero-fills first; a buffer a socket read overwrites whole need not be.
-        PyObject* buffer = PyByteArray_FromStringAndSize(nullptr, size);
-        if (buffer == nullptr) throw py::error_already_set();
-        return py::reinterpret_steal<py::object>(buffer);
+      "block_pool_stats",
+      [] {
+        BlockPoolStats s = BlockPool::instance().stats();
+        py::dict d;
+        d["fresh_bytes"] = s.fresh_bytes;
+        d["pooled_bytes"] = s.pooled_bytes;
+        d["out_bytes"] = s.out_bytes;
+        d["peak_bytes"] = s.peak_bytes;
+        return d;
       },
-      py::arg("size"), "A bytearray of `size` bytes whose contents are left as the allocator gave them.");
+      "Bytes the block pool mapped fresh, keeps free, has out in live blocks, and had out at most.");
   m.def("plan_shards", &plan_shards, py::arg("numel"), py::arg("block"), py::arg("weights"));
   m.def("plan_parts", &plan_parts, py::arg("begin"), py::arg("end"), py::arg("block"), py::arg("max_part"));
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");

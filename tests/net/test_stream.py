@@ -4,6 +4,7 @@ btauth/1 signatures, and raw sockets for what an honest client never sends."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import socket
@@ -16,11 +17,11 @@ import pytest
 from aiohttp import web
 from bittensor import http_auth
 
-from iota._C import unfilled_bytearray
+from iota._C import ByteBlock, block_pool_stats
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
 from iota.net.answers import EMPTY_DIGEST, REQUEST_SIGNATURE, answer_message, payload_digest
-from iota.net.stream import HEADER, MAGIC
+from iota.net.stream import HEADER, MAGIC, POOLED_READ
 
 LIMIT = 4 << 20
 TIMEOUT = 30.0
@@ -336,10 +337,53 @@ def test_the_signed_digest_is_blake3_256():
     assert payload_digest(memoryview(bytearray(b"abc"))) == payload_digest(b"abc")
 
 
-def test_read_buffers_are_real_bytearrays_of_the_asked_size():
-    buffer = unfilled_bytearray(5 << 20)
-    assert type(buffer) is bytearray and len(buffer) == 5 << 20
-    buffer[-1] = 7  # writable to the last byte
-    assert unfilled_bytearray(0) == bytearray()
-    with pytest.raises(ValueError):
-        unfilled_bytearray(-1)
+def test_large_reads_land_in_pooled_blocks_that_go_back_once_no_view_is_left(keys, chain):
+    """An answer over POOLED_READ is read into a block of the process's pool: writable to
+    its last byte, alive while any view of it is, and reused by the next read of its size
+    class once freed, so steady traffic maps no fresh memory."""
+    def address(view: memoryview) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.miner)
+
+        async def echoed(payload: bytes) -> bytearray | memoryview:
+            return await client.request("POST", url, "/echo", receiver=keys.server.ss58_address, timeout=TIMEOUT,
+                                        payload=payload, max_response=len(payload))
+
+        payload = os.urandom(3 << 20)
+        first = await echoed(payload)
+        assert isinstance(first, memoryview) and not first.readonly and first == payload[::-1]
+        first[-1] = 7  # writable to the last byte
+        tail, where, before = first[-4:], address(first), block_pool_stats()
+        del first  # a slice keeps the block alive
+        assert bytes(tail) == payload[3::-1][:3] + b"\x07" and block_pool_stats()["out_bytes"] == before["out_bytes"]
+        del tail
+        freed = block_pool_stats()
+        assert freed["pooled_bytes"] > before["pooled_bytes"]
+        # The next read of about that size takes the same memory, not fresh pages.
+        second = await echoed(payload[:-64])
+        assert second == payload[:-64][::-1] and address(second) == where
+        assert block_pool_stats()["fresh_bytes"] == freed["fresh_bytes"]
+        small = await echoed(b"x" * POOLED_READ)
+        assert type(small) is bytearray and small == b"x" * POOLED_READ
+        client.close()
+
+    run(keys, chain, body)
+
+
+def test_block_pool_classes_bound_and_keep_at_most_the_peak():
+    assert [len(ByteBlock(n)) for n in (0, 1, 4095, 5 << 20)] == [0, 1, 4095, 5 << 20]
+    with pytest.raises(TypeError):
+        ByteBlock(-1)
+    start = block_pool_stats()
+    blocks = [ByteBlock(8 << 20) for _ in range(3)]  # out at once: the peak is at least 24 MiB
+    held = block_pool_stats()
+    assert held["out_bytes"] - start["out_bytes"] >= 24 << 20 and held["peak_bytes"] >= held["out_bytes"]
+    del blocks
+    freed = block_pool_stats()
+    assert freed["out_bytes"] == start["out_bytes"]
+    assert freed["pooled_bytes"] <= freed["peak_bytes"]
+    again = [ByteBlock((8 << 20) - 1000) for _ in range(3)]  # the same class: no fresh memory
+    assert block_pool_stats()["fresh_bytes"] == freed["fresh_bytes"]
+    del again

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from iota._C import ByteBlock
 from iota.allreduce.buffers import BufferPool
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet
@@ -43,7 +44,7 @@ from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
 from iota.errors import CodecError
 from iota.net import NetError, Refused
-from iota.net.answers import payload_digest
+from iota.net.answers import Buffer, payload_digest
 
 if TYPE_CHECKING:
     from bittensor.sp_core import Keypair
@@ -104,19 +105,20 @@ def mean_message(plan: RoundPlan, part: int, decision_key: str, frame: bytes | b
 Contributors = tuple[tuple[str, float], ...]  # (sender, declared weight), sorted by sender
 
 
-def reduce_part(codec: Codec, inputs: list[tuple[bytes | bytearray, float]], seed: int | None,
-                scratch: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+def reduce_part(codec: Codec, inputs: list[tuple[Buffer, float]], seed: int | None,
+                scratch: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     """sum(weight * decoded) in fp32, in the given order, encoded with the round's codec;
     and the inner products of the decoded inputs (their Gram matrix, float64).
 
     The mean follows the core's decode-accumulate contract, so every holder writes the same
     bytes; each input is decoded once for both. The inputs' checksums were verified on
-    receipt (`check_frame`). `scratch` is the fp32 sum, reused from part to part: fresh
-    pages cost more to fault in than the decoding itself."""
+    receipt (`check_frame`). `scratch` is the fp32 sum, reused from part to part, and the
+    mean is encoded into a pooled block: fresh pages cost more to fault in than the
+    decoding itself."""
     acc = scratch.zero_()
     frames, weights = [frame for frame, _ in inputs], [weight for _, weight in inputs]
     products = Codec.decode_reduce(frames, weights, acc, verify=False)
-    return codec.encode(acc, seed=seed), products
+    return codec.encode_into(acc, ByteBlock(codec.frame_size(acc.shape)), seed=seed), products
 
 
 class HolderRound:
@@ -146,7 +148,7 @@ class HolderRound:
         self.bad: dict[str, str] = {}
         self.have: HaveSet | None = None
         self.decision: Decision | None = None
-        self.results: dict[int, bytes] = {}
+        self.results: dict[int, Buffer] = {}
         self.attestations: dict[int, bytes] = {}  # part -> our signature over its mean (`mean_message`)
         # What this peer's own gather got (decision key, attestation, mean frame), for members no holder serves.
         self.relayable: dict[int, tuple[str, bytes, bytes | bytearray | memoryview]] = {}
@@ -162,7 +164,7 @@ class HolderRound:
         self._ready = {p: asyncio.Event() for p in self.parts}
         self._reducing: set[int] = set()
         # part -> (whom the guess counts, its reduce): the owner's reduce before the decision.
-        self._guesses: dict[int, tuple[Contributors, asyncio.Task[tuple[bytes, torch.Tensor]]]] = {}
+        self._guesses: dict[int, tuple[Contributors, asyncio.Task[tuple[Buffer, torch.Tensor]]]] = {}
         self._reducer = asyncio.Lock()  # one reduce at a time: they share the cores with everything else
         # One size for every part's fp32 sum: the pool then keeps a single buffer for them all.
         self._sum_bytes = 4 * max(p.end - p.begin for p in plan.parts)
@@ -228,7 +230,7 @@ class HolderRound:
         self._guesses[part] = (everyone, task)
         self._tasks.append(task)
 
-    async def _reduce_part(self, p: int, contributors: Contributors) -> tuple[bytes, torch.Tensor]:
+    async def _reduce_part(self, p: int, contributors: Contributors) -> tuple[Buffer, torch.Tensor]:
         """The encoded mean of part `p` over `contributors` and their Gram matrix."""
         frames = self.frames[p]
         total = math.fsum(weight for _, weight in contributors)
@@ -427,14 +429,14 @@ class HolderRound:
                 self.frames.pop(p, None)
                 self._ready[p].set()
 
-    async def result(self, part: int, key: str) -> bytes:
+    async def result(self, part: int, key: str) -> Buffer:
         """The mean of `part` under the decision `key` (the caller's)."""
         if part not in self.held:
             raise Refusal(404, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
         await self._reduced([part], key)
         return self.results[part]
 
-    async def attested_result(self, part: int, key: str) -> tuple[bytes, bytes]:
+    async def attested_result(self, part: int, key: str) -> tuple[bytes, Buffer]:
         """Our attestation of `result`, and `result`."""
         frame = await self.result(part, key)
         return self.attestations[part], frame
@@ -448,7 +450,7 @@ class HolderRound:
         for event in self._tried.values():
             event.set()
 
-    async def relay(self, part: int, key: str) -> tuple[bytes, bytes | bytearray | memoryview]:
+    async def relay(self, part: int, key: str) -> tuple[bytes, Buffer]:
         """The attested mean of `part` our gather got from a holder under the decision `key`,
         once our gather is done asking holders for it; Refusal if it got none. Relays wait
         on our asking holders only, never on our own relays: two peers short of the same
@@ -523,9 +525,15 @@ class HolderRound:
             pass
 
     def stop(self) -> None:
+        """Stop serving and let go of every frame: the round's tasks reference this holder,
+        so it may wait for the cyclic GC, but its frames, means and pooled blocks go now."""
         for task in self._tasks:
             task.cancel()
+        self._tasks.clear()
+        self._guesses.clear()
         self.frames.clear()
+        self.results.clear()
+        self.relayable.clear()
         self.sent.clear()
         for buffer in self._lent:
             self.pool.give(buffer)

@@ -34,12 +34,14 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iota._C import block_pool_stats
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.errors import AllReduceError
 from iota.allreduce.faults import Faults
@@ -98,14 +100,14 @@ async def run(spec: dict[str, Any]) -> None:
             vector = vectors[key]
             codec = Codec.from_string(round_spec["codec"])
             line: dict[str, Any] = {"round_id": group.round_id}
-            cpu = time.process_time()
+            cpu, usage = time.process_time(), (resource.getrusage(resource.RUSAGE_SELF), block_pool_stats())
             try:
                 if vector.numel() not in means:
                     means[vector.numel()] = huge_page_tensor(vector.numel())
                 out = means[vector.numel()]
                 result = await peer.allreduce(group, vector, round_spec["weight"], codec, out=out)
             except AllReduceError as exc:
-                line.update(ok=False, cpu_seconds=time.process_time() - cpu, error=str(exc),
+                line.update(ok=False, cpu_seconds=time.process_time() - cpu, **_usage_since(usage), error=str(exc),
                             report=exc.report.to_json())
                 reports[group.round_id] = exc.report
             else:
@@ -113,6 +115,7 @@ async def run(spec: dict[str, Any]) -> None:
                     ok=True,
                     # Every thread of this process during the call: its own round and serving others.
                     cpu_seconds=time.process_time() - cpu,
+                    **_usage_since(usage),
                     # In a thread: the loop goes on serving the peers still in the round.
                     frames_digest=await asyncio.to_thread(lambda: result.digest),
                     report=result.report.to_json(),
@@ -127,6 +130,16 @@ async def run(spec: dict[str, Any]) -> None:
         traffic = {round_id: peer.traffic(round_id) for round_id in reports}
         with results.open("a") as f:
             f.write(json.dumps({"drained": True, "traffic": traffic}) + "\n")
+
+
+def _usage_since(before: tuple[resource.struct_rusage, dict[str, int]]) -> dict[str, int]:
+    """Page faults (the kernel clearing fresh memory), context switches and bytes the block
+    pool mapped fresh since `before`."""
+    usage, pool = before
+    now, pool_now = resource.getrusage(resource.RUSAGE_SELF), block_pool_stats()
+    return {"minor_faults": now.ru_minflt - usage.ru_minflt,
+            "context_switches": now.ru_nvcsw + now.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw,
+            "fresh_block_bytes": pool_now["fresh_bytes"] - pool["fresh_bytes"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ from bittensor import http_auth
 from bittensor.signing import resolve_signer
 from bittensor.sp_core import Keypair
 
-from iota._C import unfilled_bytearray
+from iota._C import ByteBlock
 from iota.chain.base import ROLES, Neuron
 from iota.net.errors import NetError, PeerError, Refused
 from iota.net.answers import (
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 MAGIC = b"\x00iota-stream/1\n"
 HEADER = struct.Struct("!IQ")
 MAX_META = 64 << 10
+POOLED_READ = 64 << 10  # reads larger than this (never a meta: MAX_META) go into blocks of the process's pool (iota._C.ByteBlock)
 DISCARD_PIECE = 1 << 20
 DISCARD_FACTOR = 4
 
@@ -76,9 +77,13 @@ class ConnectionClosed(NetError):
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One end of a stream connection: whole reads straight into fresh buffers, and writes
-    that wait for the socket to drain. Reading is paused except while a read waits, so
-    bytes nobody asked for stay in the kernel."""
+    """One end of a stream connection: whole reads straight into their own buffers, and
+    writes that wait for the socket to drain. Reading is paused except while a read waits,
+    so bytes nobody asked for stay in the kernel.
+
+    A large read lands in a pooled block (memory an earlier payload used, already faulted
+    in), seen through a memoryview; the block goes back to the pool once every view of it
+    is gone, so a payload lives exactly as long as whoever keeps it."""
 
     def __init__(self, prefix: bytes = b"") -> None:
         self.transport: asyncio.Transport | None = None
@@ -94,9 +99,10 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.transport.pause_reading()
 
-    async def read(self, nbytes: int) -> bytearray:
+    async def read(self, nbytes: int) -> bytearray | memoryview:
         """Exactly `nbytes` bytes; ConnectionClosed if the connection ends first."""
-        buffer = unfilled_bytearray(nbytes)  # returned only once every byte is written
+        # Returned only once every byte is written.
+        buffer = memoryview(ByteBlock(nbytes)) if nbytes > POOLED_READ else bytearray(nbytes)
         view = memoryview(buffer)
         taken = min(nbytes, len(self._prefix))
         view[:taken] = self._prefix[:taken]
@@ -197,7 +203,7 @@ class StreamRequest:
     sender: Neuron
     method: str
     path: str
-    payload: bytearray
+    payload: bytearray | memoryview
     digest: str
 
 
@@ -315,7 +321,7 @@ class StreamClient:
         payload: bytes | bytearray | memoryview = b"",
         digest: str | None = None,
         max_response: int,
-    ) -> bytearray:
+    ) -> bytearray | memoryview:
         """Send a signed request to the server at `address` (its HTTP base URL) and return
         the answer's payload. `digest` is `payload_digest(payload)` when the caller has it.
         PeerError on a refusal, NetError if the server cannot be reached, its answer is
@@ -341,7 +347,7 @@ class StreamClient:
         payload: bytes | bytearray | memoryview,
         digest: str,
         max_response: int,
-    ) -> bytearray:
+    ) -> bytearray | memoryview:
         # A kept connection the server has since let go of fails before any answer
         # arrives: then the request goes again, once, on a new connection.
         for reuse in (True, False):
@@ -383,7 +389,7 @@ class StreamClient:
         return answer
 
     async def _check_answer(
-        self, target: tuple[str, int], receiver: str, signed_request: str, meta: dict[str, Any], answer: bytearray
+        self, target: tuple[str, int], receiver: str, signed_request: str, meta: dict[str, Any], answer: Buffer
     ) -> None:
         """NetError unless `answer` and its `meta` are what `receiver` signed for our request."""
         where = f"stream://{target[0]}:{target[1]}"
