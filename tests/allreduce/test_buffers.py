@@ -1,35 +1,34 @@
-"""The buffer pool rounds reuse: same storage back, bounded by the busiest moment,
-and a round on recycled buffers gives the same bytes as one on fresh memory."""
+"""The block pool rounds reuse (iota._C.ByteBlock): blocks back by size class, bounded
+by the busiest moment, and a round on recycled blocks gives the same bytes as one on
+fresh memory."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
-from iota.allreduce.buffers import BufferPool
+from iota._C import ByteBlock, block_pool_stats
 from iota.codec import Codec
 from tests.allreduce.test_peers import group_of, local_peers
 
 
-def test_a_given_buffer_is_taken_again_and_the_pool_keeps_at_most_its_peak():
-    pool = BufferPool()
-    a, b = pool.take(1000), pool.take(1000)
-    pool.give(a)
-    again = pool.take(1000)
-    assert again.data_ptr() == a.data_ptr()
-    other = pool.take(2000)  # another size: fresh
-    assert other.numel() == 2000 and pool.fresh_bytes == 4000
-    # 4000 bytes were out at once; the pool keeps no more than that.
-    for buffer in (b, other, again):
-        pool.give(buffer)
-    assert pool.pooled_bytes == 4000
-    pool.give(pool.take(10))  # fresh; the pool is at its peak already: dropped
-    assert pool.pooled_bytes == 4000 and pool.fresh_bytes == 4010
-    reused = pool.take(2000)
-    assert reused.data_ptr() == other.data_ptr() and pool.pooled_bytes == 2000
-    pool.give(pool.take(10))  # room again: kept
-    assert pool.pooled_bytes == 2010
+def test_block_pool_classes_bound_and_keep_at_most_the_peak():
+    assert [len(ByteBlock(n)) for n in (0, 1, 4095, 5 << 20)] == [0, 1, 4095, 5 << 20]
+    with pytest.raises(TypeError):
+        ByteBlock(-1)
+    start = block_pool_stats()
+    blocks = [ByteBlock(8 << 20) for _ in range(3)]  # out at once: the peak is at least 24 MiB
+    held = block_pool_stats()
+    assert held["out_bytes"] - start["out_bytes"] >= 24 << 20 and held["peak_bytes"] >= held["out_bytes"]
+    del blocks
+    freed = block_pool_stats()
+    assert freed["out_bytes"] == start["out_bytes"]
+    assert freed["pooled_bytes"] <= freed["peak_bytes"]
+    again = [ByteBlock((8 << 20) - 1000) for _ in range(3)]  # the same class: no fresh memory
+    assert block_pool_stats()["fresh_bytes"] == freed["fresh_bytes"]
+    del again
 
 
 def test_a_later_round_runs_on_recycled_buffers_and_matches_fresh_peers():
@@ -40,13 +39,14 @@ def test_a_later_round_runs_on_recycled_buffers_and_matches_fresh_peers():
     async def recycled():
         async with local_peers(3) as peers:
             for round_id, xs in (("a", first), ("b", second)):
-                if round_id == "b":
-                    fresh_before = [p.buffers.fresh_bytes for p in peers]
                 results = await asyncio.gather(*(
                     p.allreduce(group_of(peers, round_id), x, 1.0 + i, codec) for i, (p, x) in enumerate(zip(peers, xs))
                 ))
-                await asyncio.gather(*(p.drain() for p in peers))  # round retired: its buffers are back
-            return results[0], fresh_before, [p.buffers.fresh_bytes for p in peers]
+                await asyncio.gather(*(p.drain() for p in peers))  # round retired: its blocks are back
+                if round_id == "a":
+                    del results  # and so are the means round a returned (their frames are blocks too)
+                    fresh_before = block_pool_stats()["fresh_bytes"]
+            return results[0], fresh_before, block_pool_stats()["fresh_bytes"]
 
     async def fresh():
         async with local_peers(3) as peers:
@@ -55,8 +55,8 @@ def test_a_later_round_runs_on_recycled_buffers_and_matches_fresh_peers():
             )))[0]
 
     result, fresh_before, fresh_after = asyncio.run(recycled())
-    assert all(before > 0 for before in fresh_before)
-    assert fresh_after == fresh_before  # round b took every frame and sum from the pool
+    assert fresh_before > 0
+    assert fresh_after == fresh_before  # round b took every frame, sum and mean from the pool
     reference = asyncio.run(fresh())
     assert torch.equal(result.mean, reference.mean)
     assert result.frames == reference.frames

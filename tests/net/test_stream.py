@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from bittensor import http_auth
 
-from iota._C import ByteBlock, block_pool_stats
+from iota._C import block_pool_stats
 from iota.chain import LocalChain
 from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
 from iota.net.answers import EMPTY_DIGEST, REQUEST_SIGNATURE, answer_message, payload_digest
@@ -370,20 +370,3 @@ def test_large_reads_land_in_pooled_blocks_that_go_back_once_no_view_is_left(key
         client.close()
 
     run(keys, chain, body)
-
-
-def test_block_pool_classes_bound_and_keep_at_most_the_peak():
-    assert [len(ByteBlock(n)) for n in (0, 1, 4095, 5 << 20)] == [0, 1, 4095, 5 << 20]
-    with pytest.raises(TypeError):
-        ByteBlock(-1)
-    start = block_pool_stats()
-    blocks = [ByteBlock(8 << 20) for _ in range(3)]  # out at once: the peak is at least 24 MiB
-    held = block_pool_stats()
-    assert held["out_bytes"] - start["out_bytes"] >= 24 << 20 and held["peak_bytes"] >= held["out_bytes"]
-    del blocks
-    freed = block_pool_stats()
-    assert freed["out_bytes"] == start["out_bytes"]
-    assert freed["pooled_bytes"] <= freed["peak_bytes"]
-    again = [ByteBlock((8 << 20) - 1000) for _ in range(3)]  # the same class: no fresh memory
-    assert block_pool_stats()["fresh_bytes"] == freed["fresh_bytes"]
-    del again

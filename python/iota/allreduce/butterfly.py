@@ -32,6 +32,7 @@ import aiohttp
 import torch
 from bittensor.sp_core import Keypair
 
+from iota._C import ByteBlock
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet, RoundFailed, propose
 from iota.allreduce.errors import AllReduceError
@@ -174,9 +175,8 @@ class ButterflyRound:
         async def send(sent: int, part: Part) -> None:
             nonlocal delivered
             async with slots:
-                buffer = self.holder.pool.take(part.frame_bytes)
-                frame, digest = await asyncio.to_thread(self._encode, sent, part, buffer)
-                self.holder.keep(part.index, frame, digest, buffer)
+                frame, digest = await asyncio.to_thread(self._encode, sent, part)
+                self.holder.keep(part.index, frame, digest)
                 targets = self.plan.targets(self.me, part.shard)
                 await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in targets))
             delivered += 1
@@ -191,10 +191,10 @@ class ButterflyRound:
         mine = self.plan.members.index(self.me)
         return sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
 
-    def _encode(self, sent: int, part: Part, buffer: torch.Tensor) -> tuple[bytes | memoryview, str]:
-        """The frame of `part` to send (in `buffer`) and its digest, which every request carrying it signs."""
+    def _encode(self, sent: int, part: Part) -> tuple[Buffer, str]:
+        """The frame of `part` to send (in a pooled block) and its digest, which every request carrying it signs."""
         seed = stochastic_seed(self.plan, self.me, part.index)
-        frame = self.plan.codec.encode_into(self.vector[part.begin : part.end], buffer, seed=seed)
+        frame = self.plan.codec.encode_into(self.vector[part.begin : part.end], ByteBlock(part.frame_bytes), seed=seed)
         frame = self.faults.tamper(sent, frame)
         return frame, payload_digest(frame)
 

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from iota._C import ByteBlock
-from iota.allreduce.buffers import BufferPool
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet
 from iota.allreduce.faults import Faults
@@ -125,22 +124,19 @@ class HolderRound:
     """This peer's holder state for one round."""
 
     def __init__(
-        self, plan: RoundPlan, signer: Keypair, config: AllReduceConfig, faults: Faults, pool: BufferPool | None = None
-    ) -> None:
+        self, plan: RoundPlan, signer: Keypair, config: AllReduceConfig, faults: Faults) -> None:
         self.plan = plan
         self.signer = signer  # this peer's hotkey: it attests the means it serves
         self.me: str = signer.ss58_address
         self.config = config
         self.faults = faults
-        self.pool = pool or BufferPool()
-        self._lent: list[torch.Tensor] = []  # pool buffers under `sent`, returned when the round stops
         self.shards = plan.held_by(self.me)
         self.parts = plan.held_parts(self.me)
         self.held = frozenset(self.parts)
         self.traffic = Traffic()
         self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
         self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
-        self.sent: dict[int, tuple[bytes | memoryview, str]] = {}  # this peer's frames (and digests) of every part
+        self.sent: dict[int, tuple[Buffer, str]] = {}  # this peer's frames (and digests) of every part
         # How to get `sender`'s frame of a part from it (set by the round; `pull` uses it).
         self.fetch: Callable[[str, int], Awaitable[bytes | bytearray]] | None = None
         self._pulls: dict[tuple[int, str], asyncio.Task[None]] = {}
@@ -166,7 +162,7 @@ class HolderRound:
         # part -> (whom the guess counts, its reduce): the owner's reduce before the decision.
         self._guesses: dict[int, tuple[Contributors, asyncio.Task[tuple[Buffer, torch.Tensor]]]] = {}
         self._reducer = asyncio.Lock()  # one reduce at a time: they share the cores with everything else
-        # One size for every part's fp32 sum: the pool then keeps a single buffer for them all.
+        # One size for every part's fp32 sum: the block pool then reuses a single block for them all.
         self._sum_bytes = 4 * max(p.end - p.begin for p in plan.parts)
         self._done: set[str] = set()
         self._all_done = asyncio.Event()
@@ -237,12 +233,11 @@ class HolderRound:
         inputs = [(frames[sender], weight / total) for sender, weight in contributors]
         part = self.plan.parts[p]
         async with self._reducer:
-            room = self.pool.take(self._sum_bytes)
-            sum_ = room.view(torch.float32)[: part.end - part.begin]
+            # A pooled block: faulted in by an earlier part or round, not fresh pages.
+            sum_ = torch.frombuffer(ByteBlock(self._sum_bytes), dtype=torch.float32)[: part.end - part.begin]
             reduced = await asyncio.to_thread(
                 reduce_part, self.plan.codec, inputs, stochastic_seed(self.plan, "mean", p), sum_
             )
-            self.pool.give(room)  # not if cancelled above: the thread may still be writing to it
         return reduced
 
     def _exclude(self, sender: str, reason: str) -> None:
@@ -276,12 +271,9 @@ class HolderRound:
 
     # -- what this peer sent, and pulling what others sent ----------------------
 
-    def keep(self, part: int, frame: bytes | memoryview, digest: str, buffer: torch.Tensor | None = None) -> None:
-        """Remember this peer's frame of `part` for a backup that may pull it; `buffer`,
-        from the pool, holds it and goes back when the round stops."""
+    def keep(self, part: int, frame: Buffer, digest: str) -> None:
+        """Remember this peer's frame of `part` for a backup that may pull it."""
         self.sent[part] = (frame, digest)
-        if buffer is not None:
-            self._lent.append(buffer)
 
     def contribution(self, part: int) -> bytes | memoryview:
         """This peer's frame of `part`, for a holder pulling it."""
@@ -526,7 +518,7 @@ class HolderRound:
 
     def stop(self) -> None:
         """Stop serving and let go of every frame: the round's tasks reference this holder,
-        so it may wait for the cyclic GC, but its frames, means and pooled blocks go now."""
+        so it may wait for the cyclic GC, but its frames and means (pooled blocks) go now."""
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -535,6 +527,3 @@ class HolderRound:
         self.results.clear()
         self.relayable.clear()
         self.sent.clear()
-        for buffer in self._lent:
-            self.pool.give(buffer)
-        self._lent.clear()

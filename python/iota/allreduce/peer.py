@@ -18,7 +18,6 @@ import aiohttp
 import torch
 from bittensor.signing import resolve_signer
 
-from iota.allreduce.buffers import BufferPool
 from iota.allreduce.butterfly import ButterflyRound
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.errors import GroupError
@@ -67,7 +66,6 @@ class AllReducePeer:
         self._streams: StreamClient | None = None
         self._rounds: Rounds | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-        self.buffers = BufferPool()  # frames and sums, reused by later rounds
         # Two integers per round for the peer's lifetime; they keep growing
         # after a round returns, while others fetch the mean from here.
         self._traffic: dict[str, Traffic] = {}
@@ -130,7 +128,7 @@ class AllReducePeer:
         if not (codec.allow_nonfinite or await asyncio.to_thread(all_finite, vector)):
             raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
         plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
-        holder = HolderRound(plan, self.signer, self.config, self.faults, self.buffers)
+        holder = HolderRound(plan, self.signer, self.config, self.faults)
         try:
             self._rounds.open(holder)
         except GroupError:
