@@ -288,9 +288,9 @@ class ButterflyRound:
 
     # -- 3. gather ---------------------------------------------------------------------
 
-    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[bytes | bytearray]]:
+    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[Buffer]]:
         mean = self.out if self.out is not None else huge_page_tensor(self.plan.numel)
-        frames: list[bytes | bytearray] = [b""] * len(self.plan.parts)
+        frames: list[Buffer] = [b""] * len(self.plan.parts)
         slots = asyncio.Semaphore(self.config.max_inflight)
 
         async def fetch(part: Part) -> None:
@@ -382,7 +382,7 @@ class ButterflyRound:
         contributions first, even if it is this peer); known-dead last."""
         return sorted(self.plan.holders(shard), key=lambda h: h in self.unreachable)
 
-    async def fetch_contribution(self, sender: str, part: int) -> bytes | bytearray:
+    async def fetch_contribution(self, sender: str, part: int) -> Buffer:
         """`sender`'s own frame of `part`, for this peer's holder (which checks it)."""
         frame_bytes = self.plan.parts[part].frame_bytes
         path = self._path(f"contributions/{part}")

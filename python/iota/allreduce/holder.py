@@ -78,7 +78,7 @@ def stochastic_seed(plan: RoundPlan, who: str, part: int) -> int | None:
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
 
-def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str | None = None) -> str:
+def check_frame(frame: Buffer, part: Part, codec: Codec, digest: str | None = None) -> str:
     """Validate a received part (checksum, shape, codec) and return its digest (`digest`
     when the transport has already checked the frame against it): `payload_digest`, as streams sign."""
     header = Codec.header(frame)  # FrameError on a bad checksum or a truncated frame
@@ -94,7 +94,7 @@ def check_frame(frame: bytes | bytearray, part: Part, codec: Codec, digest: str 
     return digest or payload_digest(frame)
 
 
-def mean_message(plan: RoundPlan, part: int, decision_key: str, frame: bytes | bytearray | memoryview) -> bytes:
+def mean_message(plan: RoundPlan, part: int, decision_key: str, frame: Buffer) -> bytes:
     """What a holder signs for the mean of `part` it serves under a decision: bound to the
     round (its id and plan) and to the decision, so it vouches for nothing else."""
     fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, payload_digest(frame))
@@ -123,8 +123,7 @@ def reduce_part(codec: Codec, inputs: list[tuple[Buffer, float]], seed: int | No
 class HolderRound:
     """This peer's holder state for one round."""
 
-    def __init__(
-        self, plan: RoundPlan, signer: Keypair, config: AllReduceConfig, faults: Faults) -> None:
+    def __init__(self, plan: RoundPlan, signer: Keypair, config: AllReduceConfig, faults: Faults) -> None:
         self.plan = plan
         self.signer = signer  # this peer's hotkey: it attests the means it serves
         self.me: str = signer.ss58_address
@@ -134,11 +133,11 @@ class HolderRound:
         self.parts = plan.held_parts(self.me)
         self.held = frozenset(self.parts)
         self.traffic = Traffic()
-        self.frames: dict[int, dict[str, bytes | bytearray]] = {p: {} for p in self.parts}
+        self.frames: dict[int, dict[str, Buffer]] = {p: {} for p in self.parts}
         self.digests: dict[int, dict[str, str]] = {p: {} for p in self.parts}
         self.sent: dict[int, tuple[Buffer, str]] = {}  # this peer's frames (and digests) of every part
         # How to get `sender`'s frame of a part from it (set by the round; `pull` uses it).
-        self.fetch: Callable[[str, int], Awaitable[bytes | bytearray]] | None = None
+        self.fetch: Callable[[str, int], Awaitable[Buffer]] | None = None
         self._pulls: dict[tuple[int, str], asyncio.Task[None]] = {}
         self.weights: dict[str, float] = {}
         self.bad: dict[str, str] = {}
@@ -147,7 +146,7 @@ class HolderRound:
         self.results: dict[int, Buffer] = {}
         self.attestations: dict[int, bytes] = {}  # part -> our signature over its mean (`mean_message`)
         # What this peer's own gather got (decision key, attestation, mean frame), for members no holder serves.
-        self.relayable: dict[int, tuple[str, bytes, bytes | bytearray | memoryview]] = {}
+        self.relayable: dict[int, tuple[str, bytes, Buffer]] = {}
         self._tried = {p.index: asyncio.Event() for p in plan.parts}  # our gather is done asking holders for it
         self.grams: dict[int, torch.Tensor] = {}  # shard -> inner products of the contributions, summed over parts
         self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
@@ -171,7 +170,7 @@ class HolderRound:
     # -- receiving ---------------------------------------------------------
 
     async def receive(
-        self, sender: str, part: int, weight: float, frame: bytes | bytearray, *, remote: bool, digest: str | None = None
+        self, sender: str, part: int, weight: float, frame: Buffer, *, remote: bool, digest: str | None = None
     ) -> None:
         """Keep `sender`'s frame of `part`; a bad one excludes the sender from the round.
         `digest` is the frame's `payload_digest` if the caller computed it."""
@@ -206,7 +205,7 @@ class HolderRound:
             self._last_arrival = time.monotonic()
         self._arrival.set()
 
-    def _store(self, sender: str, part: int, frame: bytes | bytearray, digest: str) -> None:
+    def _store(self, sender: str, part: int, frame: Buffer, digest: str) -> None:
         frames = self.frames.get(part)  # None once the part is reduced: nothing needs it any more
         if frames is not None and sender not in frames:  # a duplicate keeps the first copy
             frames[sender] = frame
@@ -275,7 +274,7 @@ class HolderRound:
         """Remember this peer's frame of `part` for a backup that may pull it."""
         self.sent[part] = (frame, digest)
 
-    def contribution(self, part: int) -> bytes | memoryview:
+    def contribution(self, part: int) -> Buffer:
         """This peer's frame of `part`, for a holder pulling it."""
         if part not in self.sent:
             raise Refusal(404, "NotSent", f"{self.me} has not sent part {part} of round {self.plan.group.round_id}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import blake3
@@ -85,7 +85,7 @@ class AnswerChecker:
             return False
 
     async def check_http(
-        self, hotkey: str, request_signature: str, status: int, headers: Mapping[str, str], body: bytes, where: str
+        self, hotkey: str, request_signature: str, status: int, headers: Mapping[str, str], body: Buffer, where: str
     ) -> None:
         """NetError unless `hotkey` signed this HTTP answer (status, headers' digest, body) to that request."""
         meta = {"status": status, "digest": headers.get(ANSWER_DIGEST, "")}
@@ -95,14 +95,18 @@ class AnswerChecker:
             raise NetError(f"{where} answered with a body that does not match the digest {hotkey} signed")
 
 
-def answer_signing_middleware(signer: Keypair) -> Any:
+def answer_signing_middleware(
+    signer: Keypair,
+) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]]:
     """An aiohttp middleware that signs every answer of the app with `signer`, refusals,
     errors raised by handlers and the router's 404/405 included. An answer whose body
     is not bytes (a streamed one) cannot be signed: it becomes a 500 rather than go out
     unsigned."""
 
     @web.middleware
-    async def sign_answers(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def sign_answers(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -110,7 +114,7 @@ def answer_signing_middleware(signer: Keypair) -> Any:
         body = response.body if isinstance(response, web.Response) else None
         if body is None and isinstance(response, web.Response) and response.status in (204, 304):
             body = b""
-        if not isinstance(body, bytes):
+        if not isinstance(body, (bytes, bytearray, memoryview)):
             detail = f"{request.path} answered with a body that is not bytes, which cannot be signed"
             response = web.json_response({"error": "UnsignableAnswer", "detail": detail}, status=500)
             body = response.body

@@ -48,16 +48,16 @@ from bittensor.sp_core import Keypair
 
 from iota._C import ByteBlock
 from iota.chain.base import ROLES, Neuron
-from iota.net.errors import NetError, PeerError, Refused
 from iota.net.answers import (
+    EMPTY_DIGEST,
     REQUEST_SIGNATURE,
     AnswerChecker,
     Buffer,
-    EMPTY_DIGEST,
     digest_off_loop,
     payload_digest,
     sign_answer,
 )
+from iota.net.errors import NetError, PeerError, Refused
 
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 MAGIC = b"\x00iota-stream/1\n"
 HEADER = struct.Struct("!IQ")
 MAX_META = 64 << 10
-POOLED_READ = 64 << 10  # reads larger than this (never a meta: MAX_META) go into blocks of the process's pool (iota._C.ByteBlock)
+POOLED_READ = 64 << 10  # reads larger than this (never a meta) go into pooled blocks (iota._C.ByteBlock)
 DISCARD_PIECE = 1 << 20
 DISCARD_FACTOR = 4
 
