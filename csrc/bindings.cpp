@@ -282,13 +282,14 @@ PYBIND11_MODULE(_C, m) {
       [] {
         BlockPoolStats s = BlockPool::instance().stats();
         py::dict d;
+        d["taken_bytes"] = s.taken_bytes;
         d["fresh_bytes"] = s.fresh_bytes;
         d["pooled_bytes"] = s.pooled_bytes;
         d["out_bytes"] = s.out_bytes;
         d["peak_bytes"] = s.peak_bytes;
         return d;
       },
-      "Bytes the block pool mapped fresh, keeps free, has out in live blocks, and had out at most.");
+      "Bytes the block pool handed out, mapped fresh, keeps free, has out in live blocks, and had out at most.");
   m.def("plan_shards", &plan_shards, py::arg("numel"), py::arg("block"), py::arg("weights"));
   m.def("plan_parts", &plan_parts, py::arg("begin"), py::arg("end"), py::arg("block"), py::arg("max_part"));
   m.def("isa", [] { return std::string(active_kernels().isa); }, "Instruction set of the CPU kernels in use.");

@@ -56,6 +56,7 @@ size_t BlockPool::size_class(size_t nbytes) {
 uint8_t* BlockPool::take(size_t capacity) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    taken_ += capacity;
     out_ += capacity;
     if (out_ > peak_) peak_ = out_;
     auto it = free_.find(capacity);
@@ -71,6 +72,7 @@ uint8_t* BlockPool::take(size_t capacity) {
     return map_fresh(capacity);
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);
+    taken_ -= capacity;
     out_ -= capacity;
     fresh_ -= capacity;
     throw;
@@ -102,7 +104,7 @@ void BlockPool::give(uint8_t* block, size_t capacity) {
 
 BlockPoolStats BlockPool::stats() {
   std::lock_guard<std::mutex> lock(mu_);
-  return {fresh_, pooled_, out_, peak_};
+  return {taken_, fresh_, pooled_, out_, peak_};
 }
 
 ByteBlock::ByteBlock(size_t nbytes)

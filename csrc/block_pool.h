@@ -14,6 +14,7 @@
 namespace iota {
 
 struct BlockPoolStats {
+  size_t taken_bytes;   // handed out over the pool's life, reused or fresh
   size_t fresh_bytes;   // mapped from the OS over the pool's life
   size_t pooled_bytes;  // free, kept for reuse
   size_t out_bytes;     // held by live blocks
@@ -36,7 +37,7 @@ class BlockPool {
  private:
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<uint8_t*>> free_;
-  size_t fresh_ = 0, pooled_ = 0, out_ = 0, peak_ = 0;
+  size_t taken_ = 0, fresh_ = 0, pooled_ = 0, out_ = 0, peak_ = 0;
 };
 
 // One block, returned to the pool when destroyed.
