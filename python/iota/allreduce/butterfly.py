@@ -168,7 +168,7 @@ class ButterflyRound:
         if self.faults.send_delay:
             await asyncio.sleep(self.faults.send_delay)
         self.faults.reached("before_send")
-        order = self._staggered()
+        order = self._rotation()
         slots = asyncio.Semaphore(self.config.max_inflight)
         delivered = 0
 
@@ -185,11 +185,17 @@ class ButterflyRound:
 
         await run_all(send(i, part) for i, part in enumerate(order))
 
-    def _staggered(self) -> list[Part]:
-        """Every part, from the shard after our own on: peers then load different holders'
-        links at once instead of all queueing at the first one (our own shard comes last)."""
+    def _rotation(self) -> list[Part]:
+        """Every part, the shards taken in turn part by part from the shard after our own
+        on. With a few parts in flight they go to (or come from) different holders at once,
+        and peers start on different holders: every link carries a flow, even when peers
+        drift a few parts apart (one shard after another left links idle while two peers
+        queued at one holder: 1 Gbit/s int8 1.47 against 1.33 s, bench/allreduce.py)."""
         mine = self.plan.members.index(self.me)
-        return sorted(self.plan.parts, key=lambda p: ((p.shard - mine - 1) % self.plan.size, p.index))
+        first = {s: parts[0] for s, parts in enumerate(self.plan.shard_parts) if parts}  # a shard's first part
+        return sorted(
+            self.plan.parts, key=lambda p: (p.index - first[p.shard], (p.shard - mine - 1) % self.plan.size)
+        )
 
     def _encode(self, sent: int, part: Part) -> tuple[Buffer, str]:
         """The frame of `part` to send (in a pooled block) and its digest, which every request carrying it signs."""
@@ -308,7 +314,7 @@ class ButterflyRound:
                 frames[part.index] = data
                 self.served_parts.add(part.index)
 
-        await run_all(fetch(part) for part in self._staggered())
+        await run_all(fetch(part) for part in self._rotation())
         return mean, frames
 
     async def _from_holders(
