@@ -7,8 +7,8 @@ each codec. Per codec: seconds per round (from the last peer joining to the
 last one finishing, as gloo is timed from a barrier; median over --repeats)
 beside gloo's, the CPU seconds all peers spent in it (summed; beside
 seconds x cores this tells a CPU-bound round from a link-bound one), their
-minor page faults and context switches (summed), the slowest peer's seconds in each phase (scatter, decide, gather), and
-body bytes each peer sent and received per round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
+minor page faults and context switches (summed), the slowest peer's seconds
+in each phase (scatter, decide, gather), and body bytes each peer sent and received per round (HTTP headers not counted) against the bandwidth-optimal 2(N-1)/N x
 the fp32 vector. Prints JSON lines.
 
 With --netlab RATE (root, the netlab tool in ../shared/tools) every peer, gloo rank or

@@ -100,14 +100,14 @@ async def run(spec: dict[str, Any]) -> None:
             vector = vectors[key]
             codec = Codec.from_string(round_spec["codec"])
             line: dict[str, Any] = {"round_id": group.round_id}
-            cpu, usage = time.process_time(), (resource.getrusage(resource.RUSAGE_SELF), block_pool_stats())
+            cpu, usage = time.process_time(), _usage()
             try:
                 if vector.numel() not in means:
                     means[vector.numel()] = huge_page_tensor(vector.numel())
                 out = means[vector.numel()]
                 result = await peer.allreduce(group, vector, round_spec["weight"], codec, out=out)
             except AllReduceError as exc:
-                line.update(ok=False, cpu_seconds=time.process_time() - cpu, **_usage_since(usage), error=str(exc),
+                line.update(ok=False, cpu_seconds=time.process_time() - cpu, **_since(usage), error=str(exc),
                             report=exc.report.to_json())
                 reports[group.round_id] = exc.report
             else:
@@ -115,7 +115,7 @@ async def run(spec: dict[str, Any]) -> None:
                     ok=True,
                     # Every thread of this process during the call: its own round and serving others.
                     cpu_seconds=time.process_time() - cpu,
-                    **_usage_since(usage),
+                    **_since(usage),
                     # In a thread: the loop goes on serving the peers still in the round.
                     frames_digest=await asyncio.to_thread(lambda: result.digest),
                     report=result.report.to_json(),
@@ -132,14 +132,16 @@ async def run(spec: dict[str, Any]) -> None:
             f.write(json.dumps({"drained": True, "traffic": traffic}) + "\n")
 
 
-def _usage_since(before: tuple[resource.struct_rusage, dict[str, int]]) -> dict[str, int]:
+def _usage() -> dict[str, int]:
     """Page faults (the kernel clearing fresh memory), context switches and bytes the block
-    pool mapped fresh since `before`."""
-    usage, pool = before
-    now, pool_now = resource.getrusage(resource.RUSAGE_SELF), block_pool_stats()
-    return {"minor_faults": now.ru_minflt - usage.ru_minflt,
-            "context_switches": now.ru_nvcsw + now.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw,
-            "fresh_block_bytes": pool_now["fresh_bytes"] - pool["fresh_bytes"]}
+    pool mapped fresh, so far."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": now.ru_minflt, "context_switches": now.ru_nvcsw + now.ru_nivcsw,
+            "fresh_block_bytes": block_pool_stats()["fresh_bytes"]}
+
+
+def _since(before: dict[str, int]) -> dict[str, int]:
+    return {key: value - before[key] for key, value in _usage().items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,15 +84,25 @@ class AnswerChecker:
         except ValueError:  # not hex, or not 64 bytes long
             return False
 
+    async def check(
+        self, hotkey: str, request_signature: str, meta: Mapping[str, Any], signature: object, payload: Buffer,
+        where: str,
+    ) -> None:
+        """NetError unless `hotkey` signed the answer with `meta` (its status and its payload's
+        digest among them) to that request, and `payload` matches the digest."""
+        if not self.signed_by(hotkey, request_signature, meta, signature):
+            raise NetError(
+                f"{where} answered {meta.get('status')} without {hotkey}'s signature over this request's answer"
+            )
+        if await digest_off_loop(payload) != meta.get("digest"):
+            raise NetError(f"{where} answered with a payload that does not match the digest {hotkey} signed")
+
     async def check_http(
         self, hotkey: str, request_signature: str, status: int, headers: Mapping[str, str], body: Buffer, where: str
     ) -> None:
-        """NetError unless `hotkey` signed this HTTP answer (status, headers' digest, body) to that request."""
+        """`check` for an HTTP answer: its status, and the digest and signature in its headers."""
         meta = {"status": status, "digest": headers.get(ANSWER_DIGEST, "")}
-        if not self.signed_by(hotkey, request_signature, meta, headers.get(ANSWER_SIGNATURE)):
-            raise NetError(f"{where} answered {status} without {hotkey}'s signature over this request's answer")
-        if await digest_off_loop(body) != meta["digest"]:
-            raise NetError(f"{where} answered with a body that does not match the digest {hotkey} signed")
+        await self.check(hotkey, request_signature, meta, headers.get(ANSWER_SIGNATURE), body, where)
 
 
 def answer_signing_middleware(

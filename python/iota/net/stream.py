@@ -372,7 +372,8 @@ class StreamClient:
             if payload_len > max_response:
                 raise NetError(f"{target} announced a {payload_len}-byte answer, over the {max_response}-byte limit")
             answer = await conn.read(payload_len)
-            await self._check_answer(target, receiver, signed_request, meta, answer)
+            where = f"stream://{target[0]}:{target[1]}"
+            await self._answers.check(receiver, signed_request, meta, meta.get("signature"), answer, where)
         except BaseException:
             conn.close()
             raise
@@ -387,16 +388,6 @@ class StreamClient:
             )
         self._idle.setdefault(target, []).append(conn)
         return answer
-
-    async def _check_answer(
-        self, target: tuple[str, int], receiver: str, signed_request: str, meta: dict[str, Any], answer: Buffer
-    ) -> None:
-        """NetError unless `answer` and its `meta` are what `receiver` signed for our request."""
-        where = f"stream://{target[0]}:{target[1]}"
-        if not self._answers.signed_by(receiver, signed_request, meta, meta.get("signature")):
-            raise NetError(f"{where} answered without {receiver}'s signature over this request's answer")
-        if await digest_off_loop(answer) != meta.get("digest"):
-            raise NetError(f"{where} answered with a payload that does not match the digest {receiver} signed")
 
     async def _connection(self, target: tuple[str, int], reuse: bool) -> tuple[Connection, bool]:
         """A connection to `target` and whether it was kept from an earlier exchange."""
