@@ -14,6 +14,14 @@ def group(bandwidths=(1.0, 1.0, 1.0, 1.0), round_id="r1") -> Group:
     return Group(round_id, tuple(reversed(members)))
 
 
+def test_a_round_run_again_has_the_same_members_and_a_new_id_of_a_valid_length():
+    assert group().again() == Group("r1.again", group().members)
+    longest = group(round_id="x" * 128).again()
+    assert longest.round_id == "x" * 122 + ".again" and longest.members == group().members
+    assert RoundPlan(group().again(), 1000, Codec(kind="raw"), 256).fingerprint != RoundPlan(
+        group(), 1000, Codec(kind="raw"), 256).fingerprint
+
+
 def test_members_are_sorted_and_unique():
     assert group().hotkeys == sorted(HOTKEYS)
     with pytest.raises(GroupError, match="twice"):
@@ -58,12 +66,10 @@ def test_expected_bytes_are_exact_frame_sizes():
     plan = RoundPlan(group(), 100_000, codec, part_bytes=8192)
     holder = plan.members[2]
     owned = [codec.frame_size((p.end - p.begin,)) for p in plan.parts if p.shard == 2]
-    backed = [codec.frame_size((p.end - p.begin,)) for p in plan.parts if p.shard == 1]
-    # The three others' parts of the shard it owns; the owner's parts of the shard it backs up.
-    assert plan.expected_bytes(holder) == 3 * sum(owned) + sum(backed)
+    # The three others' parts of the shard it owns; none of the shard it backs up.
+    assert plan.expected_bytes(holder) == 3 * sum(owned)
     assert plan.frame_bytes(2) == sum(owned)
-    assert plan.targets(plan.members[2], 2) == [plan.members[2], plan.members[3]]
-    assert plan.targets(plan.members[0], 2) == [plan.members[2]]
+    assert plan.owned_by(holder) == [2] and plan.held_by(holder) == [1, 2]
 
 
 def test_the_fingerprint_covers_what_the_plan_depends_on():

@@ -124,21 +124,29 @@ def test_a_peer_killed_before_or_while_sending_is_excluded_everywhere(swarms, tm
     assert elapsed < SURVIVORS_FINISH_WITHIN
 
 
-def test_an_owner_killed_after_recording_the_decision_is_replaced_by_its_backup(swarms, tmp_path):
-    # The first member in sorted order holds the first decision register and owns shard 0.
-    victim = sorted_index(4, 0)
-    survivors = [i for i in range(4) if i != victim]
-    swarm = launch(swarms, tmp_path, 4, one_round(), faults={victim: {"kill_at": "after_decision"}})
+@pytest.mark.parametrize("victims", [(0,), (0, 2)], ids=["owner", "owner-and-another"])
+def test_owners_killed_after_the_decision_are_excluded_when_the_survivors_run_the_round_again(
+    swarms, tmp_path, victims
+):
+    # The first member in sorted order holds the first decision register and owns shard 0;
+    # it dies on recording the decision, taking its own parts of shard 0 (nobody else has
+    # them) with it. The third dies as it records the decision too: the double failure.
+    killed = [sorted_index(4, position) for position in victims]
+    survivors = [i for i in range(4) if i not in killed]
+    swarm = launch(swarms, tmp_path, 4, one_round(), faults={i: {"kill_at": "after_decision"} for i in killed})
     elapsed = swarm.wait_results(survivors, timeout=60)
-    swarm.processes[victim].join(10)
-    assert swarm.exitcode(victim) == -signal.SIGKILL
+    for i in killed:
+        swarm.processes[i].join(10)
+        assert swarm.exitcode(i) == -signal.SIGKILL
     report = check_round(swarm, 0, survivors)
-    # All of its parts had arrived before it died, so its contribution counts.
-    assert set(report["contributors"]) == {hotkey(i) for i in range(4)}
-    shard = report["shards"][0]
-    assert shard["owner"] == hotkey(victim)
+    assert set(report["contributors"]) == {hotkey(i) for i in survivors}
+    assert set(report["excluded"]) == {hotkey(i) for i in killed}
     for line in swarm.round_results(0, survivors).values():
-        assert line["report"]["shards"][0]["served_by"] == [shard["backup"]]
+        assert line["report"]["round_id"] == "merge.again"
+        assert "no holder served part" in line["report"]["again_after"]
+        for shard in line["report"]["shards"]:  # each dead owner's shard came from its backup
+            if shard["owner"] in report["excluded"]:
+                assert shard["served_by"] == [shard["backup"]]
     assert elapsed < SURVIVORS_FINISH_WITHIN
 
 

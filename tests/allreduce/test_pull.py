@@ -54,8 +54,6 @@ def test_a_backup_pulls_once_per_sender_and_a_bad_pulled_frame_excludes_nobody()
         holder.fetch = fetch
         for p in plan.shard_parts[0]:  # what this peer sent its owner
             holder.keep(p, frames[backup][p], payload_digest(frames[backup][p]))
-        for p in plan.shard_parts[0]:  # the owner's own copy
-            await holder.receive(owner, p, 1.0, frames[owner][p], remote=True)
         for sender in plan.members:  # everyone's parts of the shard it owns
             for p in plan.shard_parts[1]:
                 await holder.receive(sender, p, 1.0, frames[sender][p], remote=sender != backup)
@@ -65,13 +63,13 @@ def test_a_backup_pulls_once_per_sender_and_a_bad_pulled_frame_excludes_nobody()
         return sparse, first, second
 
     sparse, first, second = asyncio.run(main())
-    assert set(sparse.shards[0]) == {owner}
+    assert sparse.shards[0] == {}  # a backup gets no parts of the shard it backs up
     assert set(first.shards[0]) == set(second.shards[0]) == {owner, backup, honest}
     assert set(first.shards[1]) == set(plan.members)  # the liar's parts of shard 1 still count
     assert first.bad == {}
     parts = len(plan.shard_parts[0])
-    assert calls == {honest: parts, liar: 1}  # one pull each, though two peers asked; the liar's ended at once
-    assert owner not in calls and backup not in calls  # the owner's copy arrived; our own is kept here
+    # One pull each, though two peers asked; the liar's ended at once; our own is kept here.
+    assert calls == {owner: parts, honest: parts, liar: 1}
 
 
 def shard_digest(plan: RoundPlan, frames: dict[str, dict[int, bytes]], sender: str, shard: int) -> str:
@@ -80,20 +78,24 @@ def shard_digest(plan: RoundPlan, frames: dict[str, dict[int, bytes]], sender: s
     return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
-@pytest.mark.parametrize("a_sender_is_gone", [False, True])
-def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(a_sender_is_gone):
+@pytest.mark.parametrize("gone", [None, "owner", "contributor"])
+def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(gone):
     group = Group("serve", tuple(Member(h, f"http://127.0.0.1:{9200 + i}") for i, h in enumerate(HOTKEYS)))
     plan = RoundPlan(group, 20_000, CODEC, CONFIG.part_bytes)
-    owner, backup, lost, _ = plan.members
-    gone = {lost} if a_sender_is_gone else set()
+    owner, backup, contributor, _ = plan.members
+    lost = {"owner": owner, "contributor": contributor, None: None}[gone]
     frames = frames_of(plan)
+    pulled: Counter[str] = Counter()
 
     async def fetch(sender: str, part: int) -> bytes:
-        if sender in gone:
+        if sender == lost:
             raise NetError(f"cannot connect to {sender}")
+        pulled[sender] += 1
         return frames[sender][part]
 
-    # The owner of shard 0 had everyone's parts when the round decided, then died.
+    # The owner of shard 0 had everyone's parts when the round decided; its backup has none of
+    # them. The owner still serves (it only withheld means from someone), or it died with its
+    # own parts, or a contributor died after sending.
     decision = Decision(
         {m: 1.0 for m in plan.members},
         {s: {m: shard_digest(plan, frames, m, s) for m in plan.members} for s in range(plan.size)},
@@ -105,7 +107,6 @@ def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(a_sender_i
         holder.fetch = fetch
         for p in plan.shard_parts[0]:
             holder.keep(p, frames[backup][p], payload_digest(frames[backup][p]))
-            await holder.receive(owner, p, 1.0, frames[owner][p], remote=True)
         for sender in plan.members:
             for p in plan.shard_parts[1]:
                 await holder.receive(sender, p, 1.0, frames[sender][p], remote=sender != backup)
@@ -115,11 +116,12 @@ def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(a_sender_i
         finally:
             holder.stop()
 
-    if a_sender_is_gone:
-        with pytest.raises(Refusal, match=f"lacks the decided contributions of {lost}"):
+    if lost is not None:
+        with pytest.raises(Refusal, match=f"lacks the decided contributions of {lost}$"):
             asyncio.run(main())
         return
     served = asyncio.run(main())
+    assert pulled == {m: len(plan.shard_parts[0]) for m in plan.members if m != backup}
     for p, mean in zip(plan.shard_parts[0], served):
         acc = torch.zeros(plan.parts[p].end - plan.parts[p].begin)
         for sender in sorted(plan.members):  # the decode-accumulate contract, in sorted order

@@ -1,8 +1,8 @@
 """One peer's side of a round: scatter parts to holders, agree on the
 contributors, gather the reduced shards.
 
-1. Scatter: each part of shard s goes, encoded, to its owner (the owner's own
-   parts to the backup as well); this peer keeps every frame it sent.
+1. Scatter: each part of shard s goes, encoded, to its owner; this peer keeps
+   every frame it sent (a backup pulls them if the owner is lost).
 2. Decide: read the closed have-sets of the holders (asking the backup of a
    shard whose owner is gone for its full have-set: it pulls the parts from
    their senders), propose the contributors whose parts of every shard some
@@ -15,7 +15,9 @@ contributors, gather the reduced shards.
    that decision, checking it is that decision; else from any member whose own
    gather got it, checking the holder's attestation (so a holder that served
    some peers and not others leaves none behind); then the inner products of
-   the contributions to each shard (for validators).
+   the contributions to each shard (for validators). A part none of them has
+   (its owner died after the decision, taking its own parts of the shard with
+   it) fails the round with `MeanLostError` on every peer alike.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from bittensor.sp_core import Keypair
 
 from iota._C import ByteBlock
 from iota.allreduce.config import AllReduceConfig
-from iota.allreduce.decision import Decision, HaveSet, RoundFailed, propose
-from iota.allreduce.errors import AllReduceError
+from iota.allreduce.decision import Decision, HaveSet, MeanLost, RoundFailed, propose
+from iota.allreduce.errors import AllReduceError, MeanLostError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
 from iota.allreduce.holder import ATTESTATION_BYTES, HolderRound, Refusal, mean_message, stochastic_seed
@@ -123,7 +125,8 @@ class ButterflyRound:
             lap("gather")
         except RoundFailed as exc:
             report = self.report(time.monotonic() - started, error=str(exc))
-            raise AllReduceError(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
+            error = MeanLostError if isinstance(exc, MeanLost) else AllReduceError
+            raise error(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
         finally:
             self.holder.gather_ended()
         return AllReduceResult(mean, frames, self.report(time.monotonic() - started))
@@ -177,8 +180,7 @@ class ButterflyRound:
             async with slots:
                 frame, digest = await asyncio.to_thread(self._encode, sent, part)
                 self.holder.keep(part.index, frame, digest)
-                targets = self.plan.targets(self.me, part.shard)
-                await asyncio.gather(*(self._deliver(h, part, frame, digest) for h in targets))
+                await self._deliver(self.plan.members[part.shard], part, frame, digest)
             delivered += 1
             if delivered == len(order) // 2:
                 self.faults.reached("mid_send")
@@ -309,8 +311,8 @@ class ButterflyRound:
                 if data is None:  # no holder serves us this part: a member whose own gather got it hands it on
                     data = await self._from_relays(part, decision, mean, problems)
                 if data is None:
-                    raise RoundFailed(f"no holder served part {part.index} of shard {part.shard}, "
-                                      f"and no member had it: {'; '.join(problems)}")
+                    raise MeanLost(f"no holder served part {part.index} of shard {part.shard}, "
+                                   f"and no member had it: {'; '.join(problems)}")
                 frames[part.index] = data
                 self.served_parts.add(part.index)
 

@@ -26,8 +26,8 @@ class AllReduceConfig:
     machine 4 MiB parts made int8 rounds 22% faster and raw ones 26% faster
     than 1 MiB parts (8 MiB gained nothing more; bench/allreduce.py).
 
-    `max_inflight`: parts in flight at once, sent (encoded, to its owner, and
-    to the backup too when this peer is the owner) or fetched. Parts take the
+    `max_inflight`: parts in flight at once, sent (encoded, to its owner) or
+    fetched. Parts take the
     shards in turn, so in a group of 4 this is about one part to or from each
     holder at a time: 4 against 2 made 1 Gbit/s int8 rounds 1.47 -> 1.33 s
     (6 or 8 gained nothing more). A peer keeps every frame it sent until the

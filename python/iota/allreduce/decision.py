@@ -23,6 +23,10 @@ class RoundFailed(IotaError):
     """The round cannot complete consistently (turned into AllReduceError with a report)."""
 
 
+class MeanLost(RoundFailed):
+    """A decided part of the mean that no live holder or member has (turned into MeanLostError)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """The contributors of a round, their weights, and the digests of their parts per shard.

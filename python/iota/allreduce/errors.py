@@ -24,3 +24,10 @@ class AllReduceError(IotaError):
     def __init__(self, message: str, report: AllReduceReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class MeanLostError(AllReduceError):
+    """A round whose decided mean nobody alive can serve in full: its owner died after the
+    decision with its own parts of its shard, which no other peer holds. No peer can
+    complete such a round, so `AllReducePeer.allreduce` runs it once more, as
+    `Group.again()`, among whoever is left (the dead owner is then excluded there)."""

@@ -61,6 +61,11 @@ class Group:
             raise GroupError(f"round {self.round_id} lists a hotkey twice: {hotkeys}")
         object.__setattr__(self, "members", members)
 
+    def again(self) -> Group:
+        """The same members in a new round, to run this one again after it failed for every
+        peer alike (`MeanLostError`). Its id is this one's, cut to fit, then ".again"."""
+        return Group(f"{self.round_id[:122]}.again", self.members)
+
     @property
     def hotkeys(self) -> list[str]:
         return [m.hotkey for m in self.members]
@@ -95,10 +100,12 @@ class RoundPlan:
     """Shards, parts and holders of a round, identical on every peer.
 
     Shard s is owned by member s (sorted order) and backed up by member s+1.
-    Every sender's parts of s go to the owner only; the owner's own parts go
-    to the backup too, as nobody else has them. A backup pulls the others'
-    parts from their senders (who keep what they sent) only if the owner is
-    lost, so a healthy round moves each part once.
+    Every sender's parts of s go to the owner only, the owner's own parts
+    nowhere: a healthy round moves each part once and no part twice. A backup
+    pulls the parts from their senders (who keep what they sent) only if the
+    owner is lost. One lost after the decision takes its own parts with it;
+    then nobody can complete the round and the survivors run it again
+    (`AllReducePeer.allreduce`).
     """
 
     def __init__(self, group: Group, numel: int, codec: Codec, part_bytes: int) -> None:
@@ -130,10 +137,10 @@ class RoundPlan:
         backup = self.members[(shard + 1) % self.size]
         return [owner] if backup == owner else [owner, backup]
 
-    def targets(self, sender: str, shard: int) -> list[str]:
-        """Where `sender` sends its parts of `shard`: the owner, and the backup if it is the owner."""
-        holders = self.holders(shard)
-        return holders if sender == holders[0] else holders[:1]
+
+    def owned_by(self, hotkey: str) -> list[int]:
+        """The non-empty shards `hotkey` owns."""
+        return [s for s in self.held_by(hotkey) if self.members[s] == hotkey]
 
     def held_by(self, hotkey: str) -> list[int]:
         """The non-empty shards `hotkey` owns or backs up."""
@@ -162,13 +169,13 @@ class RoundPlan:
 
     def expected_bytes(self, hotkey: str) -> int:
         """Bytes `hotkey` receives over the network as a holder when nobody fails: the
-        others' parts of the shard it owns, the owner's of the shard it backs up."""
+        others' parts of the shard it owns."""
         return self._expected_bytes[hotkey]
 
     @cached_property
     def _expected_bytes(self) -> dict[str, int]:
         return {
-            h: sum(self.frame_bytes(s) * (self.size - 1 if h == self.members[s] else 1) for s in self.held_by(h))
+            h: sum(self.frame_bytes(s) * (self.size - 1) for s in self.owned_by(h))
             for h in self.members
         }
 

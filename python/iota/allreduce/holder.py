@@ -2,10 +2,12 @@
 close at the deadline, record the decision once, serve the mean; and keep
 what this peer sent, for a backup that has to pull it.
 
-A backup gets only its owner's parts. When the owner is lost, the backup
-pulls the other senders' parts from them: for a peer that asks for the full
+A backup gets no parts of the shard it backs up. When the owner is lost, the
+backup pulls the senders' parts from them: for a peer that asks for the full
 have-set of the shard (it found the owner gone before the decision), or to
-reduce the decided contributions (the owner died after it). Holders keep
+reduce the decided contributions (the owner died after it: the owner's own
+parts then died with it, and the round fails for everyone alike, to be run
+again). Holders keep
 frames, not a running sum, so a sender can still be dropped after its parts
 arrived (because they did not reach every shard).
 
@@ -247,9 +249,9 @@ class HolderRound:
         self._arrival.set()
 
     def _expected(self, shard: int) -> set[str]:
-        """Who sends this holder its parts of `shard`: everyone to the owner, the owner to the backup."""
+        """Who sends this holder its parts of `shard`: everyone to the owner, nobody to the backup."""
         owner = self.plan.members[shard]
-        return (set(self.plan.members) if owner == self.me else {owner}) - set(self.bad)
+        return (set(self.plan.members) if owner == self.me else set()) - set(self.bad)
 
     def _all_in(self) -> bool:
         return all(

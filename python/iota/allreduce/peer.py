@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from bittensor.signing import resolve_signer
 
 from iota.allreduce.butterfly import ButterflyRound
 from iota.allreduce.config import AllReduceConfig
-from iota.allreduce.errors import GroupError
+from iota.allreduce.errors import GroupError, MeanLostError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Group, RoundPlan
 from iota.allreduce.holder import HolderRound, Traffic
@@ -33,6 +34,7 @@ from iota.net import GuardConfig, SignedClient, StreamClient, serve
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
 
+log = logging.getLogger(__name__)
 
 def all_finite(vector: torch.Tensor) -> bool:
     # A sum is one fast pass and is finite unless some value is not (or it
@@ -106,6 +108,10 @@ class AllReducePeer:
         itself, receives the mean (result.mean is then `out`); reusing one
         across rounds saves faulting in fresh memory each time. It is left
         partly written if the round fails.
+
+        A round no peer can complete because an owner died after the decision
+        (`MeanLostError`) runs once more among the same members, as
+        `group.again()`; its report's `again_after` says why.
         """
         started = time.monotonic()
         if self._client is None or self._streams is None or self._rounds is None:
@@ -127,6 +133,22 @@ class AllReducePeer:
         # Off the event loop: others' parts for this peer's holder may be arriving already.
         if not (codec.allow_nonfinite or await asyncio.to_thread(all_finite, vector)):
             raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
+        try:
+            return await self._round(group, vector, weight, codec, out, started)
+        except MeanLostError as lost:
+            # Nobody completed that round, or it would have handed the lost part on: every
+            # survivor gets here and runs the round again, where the dead owner is excluded.
+            log.warning("%s; running the round again as %s", lost, group.again().round_id)
+            result = await self._round(group.again(), vector, weight, codec, out, started)
+            result.report.again_after = str(lost)
+            return result
+
+    async def _round(
+        self, group: Group, vector: torch.Tensor, weight: float, codec: Codec, out: torch.Tensor | None,
+        started: float,
+    ) -> AllReduceResult:
+        """One try of the round `group`."""
+        assert self._client is not None and self._streams is not None and self._rounds is not None
         plan = RoundPlan(group, vector.numel(), codec, self.config.part_bytes)
         holder = HolderRound(plan, self.signer, self.config, self.faults)
         try:

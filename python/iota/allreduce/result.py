@@ -46,6 +46,8 @@ class AllReduceReport:
     decoded them) in sorted hotkey order, summed over shards: what a
     validator needs to tell a contribution far from the others' (norms,
     angles, distances); None when a holder did not give its shard's.
+    `again_after` is set when the round was run again (`Group.again()`)
+    because its first try failed for everyone alike: the first try's error.
     """
 
     round_id: str
@@ -65,6 +67,7 @@ class AllReduceReport:
     phases: dict[str, float] = field(default_factory=dict)
     gram: list[list[float]] | None = None
     error: str | None = None
+    again_after: str | None = None  # why the first try failed, if this report is of the round run again
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
