@@ -219,6 +219,30 @@ def test_bad_inputs_are_refused_before_the_round():
     asyncio.run(main())
 
 
+def test_a_vector_with_nan_fails_its_peer_as_it_is_encoded_and_the_others_complete_without_it():
+    # No pass over the vector looks for NaN first: the codec finds it as it encodes the part
+    # holding it, after other parts went out. Those count for nothing; the peer still holds.
+    async def main():
+        async with local_peers(3) as peers:
+            group = group_of(peers, "nan")
+            xs = vectors(3, 200_000)
+            xs[1][150_000] = float("nan")
+            outcomes = await asyncio.gather(
+                *(p.allreduce(group, x, 1.0, Codec.from_string("int8/b64")) for p, x in zip(peers, xs)),
+                return_exceptions=True,
+            )
+            return peers, xs, outcomes
+
+    peers, xs, (first, failed, third) = asyncio.run(main())
+    assert isinstance(failed, GroupError) and "NaN" in str(failed)
+    assert first.digest == third.digest
+    assert first.report.contributors == {peers[0].hotkey: 1.0, peers[2].hotkey: 1.0}
+    assert peers[1].hotkey in first.report.excluded
+    exact = (xs[0].double() + xs[2].double()) / 2
+    bound = (max(xs[0].abs().max(), xs[2].abs().max()) + exact.abs().max()) / 127
+    assert (first.mean.double() - exact).abs().max() <= bound
+
+
 def test_outer_nesterov_is_torch_sgd_nesterov():
     g = torch.Generator().manual_seed(0)
     start = torch.randn(1000, generator=g)

@@ -37,7 +37,7 @@ from bittensor.sp_core import Keypair
 from iota._C import ByteBlock
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet, MeanLost, RoundFailed, propose
-from iota.allreduce.errors import AllReduceError, MeanLostError
+from iota.allreduce.errors import AllReduceError, GroupError, MeanLostError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
 from iota.allreduce.holder import ATTESTATION_BYTES, HolderRound, Refusal, mean_message, stochastic_seed
@@ -202,7 +202,11 @@ class ButterflyRound:
     def _encode(self, sent: int, part: Part) -> tuple[Buffer, str]:
         """The frame of `part` to send (in a pooled block) and its digest, which every request carrying it signs."""
         seed = stochastic_seed(self.plan, self.me, part.index)
-        frame = self.plan.codec.encode_into(self.vector[part.begin : part.end], ByteBlock(part.frame_bytes), seed=seed)
+        try:
+            frame = self.plan.codec.encode_into(self.vector[part.begin : part.end], ByteBlock(part.frame_bytes),
+                                                seed=seed)
+        except CodecError as exc:  # NaN or infinity in the vector
+            raise GroupError(f"part {part.index} of the vector: {exc}; it would poison every peer's mean") from None
         frame = self.faults.tamper(sent, frame)
         return frame, payload_digest(frame)
 

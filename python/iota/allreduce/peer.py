@@ -36,12 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def all_finite(vector: torch.Tensor) -> bool:
-    # A sum is one fast pass and is finite unless some value is not (or it
-    # overflowed: then look closer); torch.isfinite is 20x slower.
-    return math.isfinite(float(vector.sum())) or bool(torch.isfinite(vector).all())
-
-
 class AllReducePeer:
     """Serves the holder routes for `wallet`'s hotkey and runs rounds as that hotkey.
 
@@ -102,7 +96,11 @@ class AllReducePeer:
 
         `vector` is this peer's flat float32 CPU tensor (same length on every
         peer), `weight` its positive weight in the mean. Raises AllReduceError,
-        with a report, if the round cannot complete consistently.
+        with a report, if the round cannot complete consistently; GroupError if
+        the vector holds NaN or infinity (unless the codec allows them). The
+        codec finds those as it encodes the parts, with no pass of its own
+        over the vector: the parts already sent then count for nothing, and
+        the others complete without this peer.
 
         `out`, a float32 CPU tensor of the vector's length and not the vector
         itself, receives the mean (result.mean is then `out`); reusing one
@@ -130,9 +128,6 @@ class AllReducePeer:
         ):
             raise GroupError("out must be a contiguous float32 CPU tensor shaped like the vector, and not the vector")
         vector = vector.contiguous()
-        # Off the event loop: others' parts for this peer's holder may be arriving already.
-        if not (codec.allow_nonfinite or await asyncio.to_thread(all_finite, vector)):
-            raise GroupError("the vector holds NaN or infinity; it would poison every peer's mean")
         try:
             return await self._round(group, vector, weight, codec, out, started)
         except MeanLostError as lost:
