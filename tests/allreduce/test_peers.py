@@ -13,7 +13,6 @@ import aiohttp
 import pytest
 import torch
 
-from iota.allreduce.holder import ATTESTATION_BYTES
 from iota.allreduce import (
     AllReduceConfig,
     AllReducePeer,
@@ -99,9 +98,8 @@ def test_a_healthy_round_moves_each_part_once():
     plan, traffic = asyncio.run(main())
     vector_frames = sum(plan.frame_bytes(s) for s in range(plan.size))
     for shard, owner in enumerate(plan.members):
-        # its parts of the other shards, its shard's mean (each part after its attestation)
-        parts = vector_frames - plan.frame_bytes(shard) + 3 * (
-            plan.frame_bytes(shard) + ATTESTATION_BYTES * len(plan.shard_parts[shard]))
+        # its parts of the other shards, its shard's mean (attestations travel in the answers' metas)
+        parts = vector_frames - plan.frame_bytes(shard) + 3 * plan.frame_bytes(shard)
         assert parts <= traffic[owner]["sent"] < parts + 20_000  # + have-sets, decisions, Gram matrices
         assert parts <= traffic[owner]["received"] < parts + 20_000
 

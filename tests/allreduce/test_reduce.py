@@ -16,6 +16,7 @@ from iota.allreduce.faults import Faults
 from iota.allreduce.holder import HolderRound, mean_message, reduce_part
 from iota.chain import dev_keypair
 from iota.codec import Codec
+from iota.net.answers import payload_digest
 
 
 def test_reduce_part_is_the_fused_weighted_sum_and_its_gram():
@@ -81,11 +82,12 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
     assert len(reduced) == len(parts) * (2 if excluded else 1)
     total = sum(counted_in.values())
     owner_key = Keypair(ss58_address=owner)
-    for p, (attestation, mean) in zip(parts, means):
+    for p, (attestation, mean, digest) in zip(parts, means):
         inputs = [(frames[h][p], counted_in[h] / total) for h in sorted(counted_in)]
         expected, _ = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
-        assert mean == expected
+        assert mean == expected and digest == payload_digest(expected)
         # The owner vouches for this mean of this part under this decision, and for nothing else.
-        assert owner_key.verify(mean_message(plan, p, key, mean), attestation)
-        assert not owner_key.verify(mean_message(plan, p, "another-decision", mean), attestation)
-        assert not owner_key.verify(mean_message(plan, p + 1, key, mean), attestation)
+        assert owner_key.verify(mean_message(plan, p, key, digest), attestation)
+        assert not owner_key.verify(mean_message(plan, p, "another-decision", digest), attestation)
+        assert not owner_key.verify(mean_message(plan, p + 1, key, digest), attestation)
+        assert not owner_key.verify(mean_message(plan, p, key, payload_digest(b"another mean")), attestation)

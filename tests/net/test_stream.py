@@ -18,7 +18,17 @@ from bittensor import http_auth
 
 from iota._C import block_pool_stats
 from iota.chain import LocalChain
-from iota.net import NetError, PeerError, Refused, SignedClient, StreamClient, StreamRequest, serve, signed_app
+from iota.net import (
+    NetError,
+    PeerError,
+    Refused,
+    SignedClient,
+    StreamAnswer,
+    StreamClient,
+    StreamRequest,
+    serve,
+    signed_app,
+)
 from iota.net.answers import EMPTY_DIGEST, REQUEST_SIGNATURE, answer_message, payload_digest
 from iota.net.stream import HEADER, MAGIC, POOLED_READ
 
@@ -27,13 +37,14 @@ TIMEOUT = 30.0
 
 
 class Echo:
-    """Answers POST /echo with the payload reversed, POST /refuse with a refusal."""
+    """Answers POST /echo with the payload reversed, POST /tagged with the payload as it
+    came and a tag beside it, POST /refuse with a refusal."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, int, str]] = []  # (role, path, payload size, digest)
 
     def limit(self, method: str, path: str) -> int:
-        if path.split("?")[0] not in ("/echo", "/refuse"):
+        if path.split("?")[0] not in ("/echo", "/tagged", "/refuse"):
             raise Refused(404, "NoRoute", f"no stream route {method} {path}")
         return LIMIT
 
@@ -42,10 +53,12 @@ class Echo:
     def read_bound(self, nbytes: int) -> float:
         return self.idle + nbytes / 1e6
 
-    async def handle(self, request: StreamRequest) -> bytes:
+    async def handle(self, request: StreamRequest) -> bytes | StreamAnswer:
         self.seen.append((request.sender.role, request.path, len(request.payload), request.digest))
         if request.path == "/refuse":
             raise Refused(409, "Closed", "this round closed already")
+        if request.path == "/tagged":  # the same bytes: the request's digest is the answer's
+            return StreamAnswer((request.payload,), request.digest, {"tag": len(request.payload)})
         return bytes(request.payload[::-1])
 
 
@@ -85,7 +98,8 @@ def test_payload_round_trips_exactly_and_the_port_still_serves_http(keys, chain,
                     "POST", url, "/echo?x=1", receiver=keys.server.ss58_address, timeout=TIMEOUT,
                     payload=payload, max_response=LIMIT,
                 )
-                assert bytes(answer) == payload[::-1]
+                assert bytes(answer.payload) == payload[::-1]
+                assert answer.digest == payload_digest(payload[::-1]) and answer.extra == {}
             assert len(client._idle[("127.0.0.1", int(url.rsplit(":", 1)[1]))]) == 1
         finally:
             client.close()
@@ -95,6 +109,22 @@ def test_payload_round_trips_exactly_and_the_port_still_serves_http(keys, chain,
             assert (await signed.get_json(url, "/hello", receiver=keys.server.ss58_address, timeout=TIMEOUT)) == {
                 "hello": True
             }
+
+    run(keys, chain, body)
+
+
+def test_an_answer_can_carry_signed_facts_beside_its_payload_and_a_digest_its_route_had(keys, chain):
+    payload = os.urandom(100_000)
+
+    async def body(url: str, echo: Echo) -> None:
+        client = StreamClient(keys.miner)
+        try:
+            answer = await client.request("POST", url, "/tagged", receiver=keys.server.ss58_address,
+                                          timeout=TIMEOUT, payload=payload, max_response=LIMIT)
+        finally:
+            client.close()
+        assert bytes(answer.payload) == payload and answer.digest == payload_digest(payload)
+        assert answer.extra == {"tag": 100_000}
 
     run(keys, chain, body)
 
@@ -112,7 +142,7 @@ def test_concurrent_requests_use_their_own_connections(keys, chain):
             ))
         finally:
             client.close()
-        assert [bytes(a) for a in answers] == [p[::-1] for p in payloads]
+        assert [bytes(a.payload) for a in answers] == [p[::-1] for p in payloads]
 
     run(keys, chain, body)
 
@@ -145,8 +175,9 @@ def test_refusals_reach_the_caller(keys, chain):
                                      timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
             assert not isinstance(misaddressed.value, PeerError)
             # The client still works after refusals (they closed their connections).
-            assert bytes(await client.request("POST", url, "/echo", receiver=keys.server.ss58_address,
-                                              timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)) == b"cba"
+            again = await client.request("POST", url, "/echo", receiver=keys.server.ss58_address,
+                                         timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
+            assert bytes(again.payload) == b"cba"
         finally:
             client.close()
         assert [path for _, path, _, _ in echo.seen] == ["/refuse", "/echo"]  # refused ones never reached it
@@ -160,10 +191,10 @@ def test_a_connection_the_server_let_go_of_is_replaced(keys, chain):
         try:
             ask = lambda: client.request("POST", url, "/echo", receiver=keys.server.ss58_address,  # noqa: E731
                                          timeout=TIMEOUT, payload=b"abc", max_response=LIMIT)
-            assert bytes(await ask()) == b"cba"
+            assert bytes((await ask()).payload) == b"cba"
             (kept,) = [conn for conns in client._idle.values() for conn in conns]
             await asyncio.sleep(0.6)  # past the server's idle bound: it closed the connection
-            assert bytes(await ask()) == b"cba"
+            assert bytes((await ask()).payload) == b"cba"
             (replacement,) = [conn for conns in client._idle.values() for conn in conns]
             assert replacement is not kept and kept.transport is None
         finally:
@@ -257,7 +288,7 @@ def test_a_server_that_never_answers_times_out(keys, chain):
 @pytest.mark.parametrize(
     "forgery",
     ["honest", "unsigned", "signature_truncated", "signed_by_another_hotkey", "payload_swapped",
-     "signed_for_another_request", "refusal_signed_by_another_hotkey"],
+     "signed_for_another_request", "refusal_signed_by_another_hotkey", "extra_added_after_signing"],
 )
 def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_request(keys, chain, forgery):
     """A hand-written server answers the way an impostor or a tampering middlebox would."""
@@ -285,6 +316,8 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
             answer, sent = signed(keys.server, asked, answer), other
         elif forgery == "signed_for_another_request":
             answer = signed(keys.server, "0x" + "00" * 64, answer)
+        elif forgery == "extra_added_after_signing":  # e.g. another attestation beside an honest mean
+            answer = {**signed(keys.server, asked, answer), "extra": {"attestation": "00" * 64}}
         elif forgery == "refusal_signed_by_another_hotkey":
             refusal = {"status": 409, "error": "Closed", "detail": "go away", "digest": EMPTY_DIGEST}
             answer, sent = signed(keys.stranger, asked, refusal), b""
@@ -301,7 +334,7 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
             ask = client.request("GET", url, "/results/0", receiver=keys.server.ss58_address, timeout=TIMEOUT,
                                  max_response=LIMIT)
             if forgery == "honest":
-                assert bytes(await ask) == payload
+                assert bytes((await ask).payload) == payload
                 return
             with pytest.raises(NetError) as taken:
                 await ask
@@ -344,8 +377,9 @@ def test_large_reads_land_in_pooled_blocks_that_go_back_once_no_view_is_left(key
         client = StreamClient(keys.miner)
 
         async def echoed(payload: bytes) -> bytearray | memoryview:
-            return await client.request("POST", url, "/echo", receiver=keys.server.ss58_address, timeout=TIMEOUT,
-                                        payload=payload, max_response=len(payload))
+            reply = await client.request("POST", url, "/echo", receiver=keys.server.ss58_address, timeout=TIMEOUT,
+                                         payload=payload, max_response=len(payload))
+            return reply.payload
 
         payload = os.urandom(3 << 20)
         first = await echoed(payload)

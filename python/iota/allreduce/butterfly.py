@@ -45,7 +45,7 @@ from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
 from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
 from iota.errors import CodecError
-from iota.net import NetError, PeerError, SignedClient, StreamClient
+from iota.net import NetError, PeerError, SignedClient, StreamClient, StreamReply
 from iota.net.answers import payload_digest
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class ButterflyRound:
             lap("scatter")
             self.decision = await self.decide()
             lap("decide")
-            mean, frames = await self.gather(self.decision)
+            mean, frames, digests = await self.gather(self.decision)
             self.gram = await self.gather_gram(self.decision)
             lap("gather")
         except RoundFailed as exc:
@@ -129,7 +129,7 @@ class ButterflyRound:
             raise error(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
         finally:
             self.holder.gather_ended()
-        return AllReduceResult(mean, frames, self.report(time.monotonic() - started))
+        return AllReduceResult(mean, frames, digests, self.report(time.monotonic() - started))
 
     # -- talking to holders -------------------------------------------------------
 
@@ -151,13 +151,13 @@ class ButterflyRound:
     async def _stream(
         self, holder: str, method: str, path: str, timeout: float, *, max_response: int,
         payload: bytes = b"", digest: str | None = None,
-    ) -> bytearray:
+    ) -> StreamReply:
         self.traffic.sent += len(payload)
         reply = await self.streams.request(
             method, self.plan.group.address(holder), path, receiver=holder, timeout=timeout,
             payload=payload, digest=digest, max_response=max_response,
         )
-        self.traffic.received += len(reply)
+        self.traffic.received += len(reply.payload)
         return reply
 
     def _lost(self, holder: str, what: str, exc: Exception) -> None:
@@ -300,9 +300,11 @@ class ButterflyRound:
 
     # -- 3. gather ---------------------------------------------------------------------
 
-    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[Buffer]]:
+    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[Buffer], list[str]]:
+        """The mean decoded, its frames and their digests (each checked as it arrived)."""
         mean = self.out if self.out is not None else huge_page_tensor(self.plan.numel)
         frames: list[Buffer] = [b""] * len(self.plan.parts)
+        digests = [""] * len(self.plan.parts)
         slots = asyncio.Semaphore(self.config.max_inflight)
 
         async def fetch(part: Part) -> None:
@@ -317,19 +319,20 @@ class ButterflyRound:
                 if data is None:
                     raise MeanLost(f"no holder served part {part.index} of shard {part.shard}, "
                                    f"and no member had it: {'; '.join(problems)}")
-                frames[part.index] = data
+                frames[part.index], digests[part.index] = data
                 self.served_parts.add(part.index)
 
         await run_all(fetch(part) for part in self._rotation())
-        return mean, frames
+        return mean, frames, digests
 
     async def _from_holders(
         self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
-    ) -> Buffer | None:
-        """The mean of `part` from its owner, else its backup, decoded into `mean`; None if neither serves it."""
+    ) -> tuple[Buffer, str] | None:
+        """The mean of `part` (and its digest) from its owner, else its backup, decoded into
+        `mean`; None if neither serves it."""
         for holder in self._sources(part.shard):
             try:
-                attestation, data = await self._result(holder, part, decision)
+                attestation, data, digest = await self._result(holder, part, decision)
                 await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
             except (Refusal, PeerError) as exc:
                 if exc.kind == "DecisionMismatch":
@@ -340,25 +343,26 @@ class ButterflyRound:
                 problems.append(f"{holder}: {exc}")
                 self._lost(holder, "fetch the mean from", exc)
                 continue
-            self.holder.relayable[part.index] = (decision.key, attestation, data)
+            self.holder.relayable[part.index] = (decision.key, attestation, data, digest)
             self.served_by[part.shard].add(holder)
-            return data
+            return data, digest
         return None
 
     async def _from_relays(
         self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
-    ) -> Buffer | None:
-        """The mean of `part` as another member's gather got it, decoded into `mean`; None if none has it."""
+    ) -> tuple[Buffer, str] | None:
+        """The mean of `part` (and its digest) as another member's gather got it, decoded into
+        `mean`; None if none has it."""
         for member in self._relays():
             try:
-                attester, data = await self._relayed(member, part, decision)
+                attester, data, digest = await self._relayed(member, part, decision)
                 await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
             except (Refusal, NetError, CodecError) as exc:  # PeerError is a NetError
                 problems.append(f"{member} (relay): {exc}")
                 continue
             self.relayed_by[part.shard].add(member)
             self.attested_by[part.shard].add(attester)
-            return data
+            return data, digest
         return None
 
     async def gather_gram(self, decision: Decision) -> list[list[float]] | None:
@@ -398,36 +402,36 @@ class ButterflyRound:
         """`sender`'s own frame of `part`, for this peer's holder (which checks it)."""
         frame_bytes = self.plan.parts[part].frame_bytes
         path = self._path(f"contributions/{part}")
-        return await self._stream(sender, "GET", path, self.config.wait_bound(frame_bytes), max_response=frame_bytes)
+        reply = await self._stream(sender, "GET", path, self.config.wait_bound(frame_bytes), max_response=frame_bytes)
+        return reply.payload
 
-    async def _result(self, holder: str, part: Part, decision: Decision) -> tuple[bytes, Buffer]:
-        """`holder`'s attestation of the mean of `part`, and the mean."""
+    async def _result(self, holder: str, part: Part, decision: Decision) -> tuple[bytes, Buffer, str]:
+        """`holder`'s attestation of the mean of `part`, the mean and its digest."""
         if holder == self.me:
             return await self.holder.attested_result(part.index, decision.key)
         # The holder may still be reducing: everything it holds, at the slowest rate we wait for.
         timeout = self.config.wait_bound(self.plan.shard_bytes(holder) * self.plan.size)
         path = self._path(f"results/{part.index}", decision=decision.key)
-        return _attested(await self._stream(holder, "GET", path, timeout,
-                                            max_response=ATTESTATION_BYTES + part.frame_bytes))
+        return _attested(await self._stream(holder, "GET", path, timeout, max_response=part.frame_bytes))
 
     def _relays(self) -> list[str]:
         """Whom to ask for a part no holder serves us: every other member, known-dead last."""
         return sorted((m for m in self.plan.members if m != self.me), key=lambda m: m in self.unreachable)
 
-    async def _relayed(self, member: str, part: Part, decision: Decision) -> tuple[str, Buffer]:
-        """The mean of `part` as `member`'s gather got it, and which holder attested it;
+    async def _relayed(self, member: str, part: Part, decision: Decision) -> tuple[str, Buffer, str]:
+        """Which holder attested the mean of `part` `member`'s gather got, the mean and its digest;
         NetError unless a holder of the part's shard signed it for this round and decision."""
         owner = self.plan.members[part.shard]
         # The member may still be asking the holders for it, as long as we did.
         timeout = self.config.wait_bound(self.plan.shard_bytes(owner) * self.plan.size)
         path = self._path(f"relays/{part.index}", decision=decision.key)
-        attestation, data = _attested(await self._stream(member, "GET", path, timeout,
-                                                         max_response=ATTESTATION_BYTES + part.frame_bytes))
-        message = await asyncio.to_thread(mean_message, self.plan, part.index, decision.key, data)
+        attestation, data, digest = _attested(await self._stream(member, "GET", path, timeout,
+                                                                 max_response=part.frame_bytes))
+        message = mean_message(self.plan, part.index, decision.key, digest)
         for holder in self.plan.holders(part.shard):
             try:
                 if Keypair(ss58_address=holder).verify(message, attestation):
-                    return holder, data
+                    return holder, data, digest
             except ValueError:  # not a 64-byte signature
                 break
         raise NetError(f"{member} handed on a mean of part {part.index} that no holder of shard {part.shard} signed")
@@ -477,6 +481,12 @@ class ButterflyRound:
         )
 
 
-def _attested(answer: bytearray) -> tuple[bytes, memoryview]:
-    """A served mean's attestation and frame."""
-    return bytes(answer[:ATTESTATION_BYTES]), memoryview(answer)[ATTESTATION_BYTES:]
+def _attested(reply: StreamReply) -> tuple[bytes, Buffer, str]:
+    """A served mean's attestation, frame and digest; NetError if it came without an attestation."""
+    try:
+        attestation = bytes.fromhex(reply.extra["attestation"])
+    except (KeyError, TypeError, ValueError):
+        attestation = b""
+    if len(attestation) != ATTESTATION_BYTES:
+        raise NetError(f"a mean came without its {ATTESTATION_BYTES}-byte attestation: {reply.extra!r}")
+    return attestation, reply.payload, reply.digest

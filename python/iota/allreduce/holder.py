@@ -96,10 +96,11 @@ def check_frame(frame: Buffer, part: Part, codec: Codec, digest: str | None = No
     return digest or payload_digest(frame)
 
 
-def mean_message(plan: RoundPlan, part: int, decision_key: str, frame: Buffer) -> bytes:
-    """What a holder signs for the mean of `part` it serves under a decision: bound to the
-    round (its id and plan) and to the decision, so it vouches for nothing else."""
-    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, payload_digest(frame))
+def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str) -> bytes:
+    """What a holder signs for the mean of `part` it serves under a decision, given the
+    `payload_digest` of its frame: bound to the round (its id and plan) and to the
+    decision, so it vouches for nothing else."""
+    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest)
     return MEAN_CONTEXT + "\n".join(fields).encode()
 
 
@@ -147,8 +148,10 @@ class HolderRound:
         self.decision: Decision | None = None
         self.results: dict[int, Buffer] = {}
         self.attestations: dict[int, bytes] = {}  # part -> our signature over its mean (`mean_message`)
-        # What this peer's own gather got (decision key, attestation, mean frame), for members no holder serves.
-        self.relayable: dict[int, tuple[str, bytes, Buffer]] = {}
+        self.result_digests: dict[int, str] = {}  # part -> `payload_digest` of its mean: hashed once, served often
+        # What this peer's own gather got (decision key, attestation, mean frame, its digest), for members
+        # no holder serves.
+        self.relayable: dict[int, tuple[str, bytes, Buffer, str]] = {}
         self._tried = {p.index: asyncio.Event() for p in plan.parts}  # our gather is done asking holders for it
         self.grams: dict[int, torch.Tensor] = {}  # shard -> inner products of the contributions, summed over parts
         self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
@@ -409,8 +412,9 @@ class HolderRound:
                     self.results[p], gram = await guess
                 else:
                     self.results[p], gram = await self._reduce_part(p, decided)
-                message = await asyncio.to_thread(mean_message, self.plan, p, self.decision.key, self.results[p])
-                self.attestations[p] = self.signer.sign(message)
+                self.result_digests[p] = await asyncio.to_thread(payload_digest, self.results[p])
+                self.attestations[p] = self.signer.sign(
+                    mean_message(self.plan, p, self.decision.key, self.result_digests[p]))
                 self.grams[shard] = self.grams.get(shard, 0) + gram
                 del self.frames[p]  # the inputs are no longer needed
                 self._ready[p].set()
@@ -429,10 +433,10 @@ class HolderRound:
         await self._reduced([part], key)
         return self.results[part]
 
-    async def attested_result(self, part: int, key: str) -> tuple[bytes, Buffer]:
-        """Our attestation of `result`, and `result`."""
+    async def attested_result(self, part: int, key: str) -> tuple[bytes, Buffer, str]:
+        """Our attestation of `result`, `result`, and its digest."""
         frame = await self.result(part, key)
-        return self.attestations[part], frame
+        return self.attestations[part], frame, self.result_digests[part]
 
     def tried(self, part: int) -> None:
         """Our gather is done asking holders for `part` (whether one served it or not)."""
@@ -443,9 +447,9 @@ class HolderRound:
         for event in self._tried.values():
             event.set()
 
-    async def relay(self, part: int, key: str) -> tuple[bytes, Buffer]:
-        """The attested mean of `part` our gather got from a holder under the decision `key`,
-        once our gather is done asking holders for it; Refusal if it got none. Relays wait
+    async def relay(self, part: int, key: str) -> tuple[bytes, Buffer, str]:
+        """The attested mean of `part` our gather got from a holder under the decision `key`
+        (attestation, frame, digest), once our gather is done asking holders for it; Refusal if it got none. Relays wait
         on our asking holders only, never on our own relays: two peers short of the same
         part cannot wait on each other."""
         if part not in self._tried:
@@ -458,10 +462,10 @@ class HolderRound:
             raise Refusal(409, "NotReady", f"{self.me} has no mean of part {part} to hand on yet") from None
         if part not in self.relayable:
             raise Refusal(404, "NotFetched", f"{self.me} got no mean of part {part} from a holder either")
-        decided, attestation, frame = self.relayable[part]
+        decided, attestation, frame, digest = self.relayable[part]
         if decided != key:
             raise Refusal(409, "DecisionMismatch", f"{self.me} gathered under decision {decided}, not {key}")
-        return attestation, frame
+        return attestation, frame, digest
 
     async def gram(self, shard: int, key: str) -> dict[str, object]:
         """Inner products of the contributions to `shard` under the decision `key`:

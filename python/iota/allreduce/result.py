@@ -78,20 +78,19 @@ class AllReduceResult:
     """The weighted mean (decoded, fp32) and the frames it was decoded from.
 
     `frames` are the codec-encoded parts of the mean, in vector order: the
-    same bytes on every peer that completed the round.
+    same bytes on every peer that completed the round; `part_digests` their
+    BLAKE3 digests, each checked as its frame arrived.
     """
 
     mean: torch.Tensor
     frames: list[bytes | bytearray | memoryview]
+    part_digests: list[str]
     report: AllReduceReport
 
     @cached_property
     def digest(self) -> str:
-        """BLAKE3 of the encoded mean: equal digests, equal results."""
-        h = blake3.blake3()
-        for frame in self.frames:
-            h.update(frame)
-        return h.hexdigest()
+        """BLAKE3 of the parts' digests in order: equal digests, equal frames (no frame is hashed again)."""
+        return blake3.blake3("".join(self.part_digests).encode()).hexdigest()
 
     @property
     def contributors(self) -> dict[str, float]:

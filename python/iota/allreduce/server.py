@@ -3,10 +3,12 @@
 On streams (iota.net.stream: the bulk bytes, on persistent connections):
 
     POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
-    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision, after
-                                                       the holder's attestation of it (`mean_message`)
+    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision, the
+                                                       holder's attestation of it (`mean_message`)
+                                                       in the answer's extra {"attestation": hex}
     GET  /allreduce/{round}/relays/{part}?fp=&decision=    the attested mean this peer's gather got from
-                                                       a holder, for a member no holder serves
+                                                       a holder (the same way), for a member no holder
+                                                       serves
     GET  /allreduce/{round}/contributions/{part}?fp=   this peer's own frame of a part (a backup pulls it)
 
 Over HTTP, on the same port (small JSON documents):
@@ -40,7 +42,17 @@ from iota.allreduce.errors import GroupError
 from iota.allreduce.holder import HolderRound, Refusal
 from iota.chain import Chain
 from iota.codec import Codec
-from iota.net import GuardConfig, StreamRequest, json_error, request_body, request_sender, route_policy, signed_app
+from iota.net import (
+    GuardConfig,
+    StreamAnswer,
+    StreamRequest,
+    json_error,
+    request_body,
+    request_sender,
+    route_policy,
+    signed_app,
+)
+from iota.net.answers import Buffer
 
 if TYPE_CHECKING:
     from bittensor.signing import WalletLike
@@ -132,7 +144,7 @@ class HolderStreams:
     def read_bound(self, nbytes: int) -> float:
         return self.config.wait_bound(nbytes)
 
-    async def handle(self, request: StreamRequest) -> bytes | tuple[bytes | bytearray | memoryview, ...]:
+    async def handle(self, request: StreamRequest) -> Buffer | StreamAnswer:
         split = urlsplit(request.path)
         route = _STREAM_PATH.fullmatch(split.path)
         assert route is not None  # limit() let it through
@@ -151,14 +163,15 @@ class HolderStreams:
             return data
         key = parameter(split.path, values, "decision", str)
         if route["what"] == "relays":
-            attestation, frame = await holder.relay(part, key)
-            attested = (attestation, holder.faults.tamper_relay(frame))
+            attestation, frame, digest = await holder.relay(part, key)
+            tampered = holder.faults.tamper_relay(frame)
+            digest, frame = (digest if tampered is frame else None), tampered
         elif holder.faults.withholds_means_from(request.sender.hotkey):
             raise Refusal(503, "Withheld", f"{holder.me} serves no mean to {request.sender.hotkey} (a test fault)")
         else:
-            attested = await holder.attested_result(part, key)
-        holder.traffic.sent += sum(len(piece) for piece in attested)
-        return attested
+            attestation, frame, digest = await holder.attested_result(part, key)
+        holder.traffic.sent += len(frame)
+        return StreamAnswer((frame,), digest, {"attestation": attestation.hex()})
 
 
 def holder_app(wallet: WalletLike, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:

@@ -15,7 +15,7 @@ from iota.net.guard import (
 )
 from iota.net.replay import ReplayCache
 from iota.net.server import serve, signed_app
-from iota.net.stream import StreamClient, StreamRequest, StreamService
+from iota.net.stream import StreamAnswer, StreamClient, StreamReply, StreamRequest, StreamService
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE",
@@ -30,7 +30,9 @@ __all__ = [
     "RequestGuard",
     "RoutePolicy",
     "SignedClient",
+    "StreamAnswer",
     "StreamClient",
+    "StreamReply",
     "StreamRequest",
     "StreamService",
     "json_error",

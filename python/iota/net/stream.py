@@ -10,7 +10,8 @@ connection opened by `StreamClient`, each request is
     payload the body
 
 and each answer the same header, meta {"status", "digest" of the answer's payload,
-"error"/"detail" when refused, "signature"} and payload. The request's signature covers
+"error"/"detail" when refused, "extra": what the route says beside the payload
+(a mean's attestation), "signature"} and payload. The request's signature covers
 the method, the path and the payload's
 digest (the signed "body" is the 32 raw digest bytes), so the server checks
 the signature, freshness, replay, receiver and the sender's registration
@@ -197,6 +198,17 @@ class Connection(asyncio.BufferedProtocol):
 
 
 @dataclass(frozen=True)
+class StreamAnswer:
+    """An answer with more to it than its payload: `digest` is `payload_digest(*pieces)`
+    when the route has it (a mean served to three peers is hashed once), `extra` small
+    JSON-able facts that go in the signed answer meta."""
+
+    pieces: tuple[Buffer, ...]
+    digest: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class StreamRequest:
     """A verified stream request: `payload_digest(payload)` is `digest`, and `sender` signed both."""
 
@@ -216,8 +228,8 @@ class StreamService(Protocol):
     def read_bound(self, nbytes: int) -> float:
         """Seconds a payload of `nbytes` may take to arrive (and the next request, if 0)."""
 
-    async def handle(self, request: StreamRequest) -> Buffer | tuple[Buffer, ...]:
-        """The answer's payload, or the pieces it is made of; Refused for a reasoned refusal."""
+    async def handle(self, request: StreamRequest) -> Buffer | StreamAnswer:
+        """The answer's payload, or a StreamAnswer; Refused for a reasoned refusal."""
 
 
 async def serve_connection(conn: Connection, guard: RequestGuard, service: StreamService, signer: Keypair) -> None:
@@ -277,9 +289,12 @@ async def _answer(
     except Refused as refusal:
         await _refuse(conn, signer, request_signature, refusal)
         return True
-    pieces = answer if isinstance(answer, tuple) else (answer,)
-    await conn.send(_signed(signer, request_signature, {"status": 200, "digest": await digest_off_loop(*pieces)}),
-                    *pieces)
+    if not isinstance(answer, StreamAnswer):
+        answer = StreamAnswer((answer,))
+    meta = {"status": 200, "digest": answer.digest or await digest_off_loop(*answer.pieces)}
+    if answer.extra:
+        meta["extra"] = answer.extra
+    await conn.send(_signed(signer, request_signature, meta), *answer.pieces)
     return True
 
 
@@ -296,6 +311,16 @@ async def _refuse(conn: Connection, signer: Keypair, request_signature: str, ref
 
 
 # -- client ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """A checked answer: its payload, the payload's digest (as the server signed it and
+    the client checked it) and the route's `extra` facts (empty if none)."""
+
+    payload: bytearray | memoryview
+    digest: str
+    extra: dict[str, Any]
 
 
 class StreamClient:
@@ -321,9 +346,9 @@ class StreamClient:
         payload: bytes | bytearray | memoryview = b"",
         digest: str | None = None,
         max_response: int,
-    ) -> bytearray | memoryview:
+    ) -> StreamReply:
         """Send a signed request to the server at `address` (its HTTP base URL) and return
-        the answer's payload. `digest` is `payload_digest(payload)` when the caller has it.
+        its answer. `digest` is `payload_digest(payload)` when the caller has it.
         PeerError on a refusal, NetError if the server cannot be reached, its answer is
         not `receiver`'s signed answer to this request, or `timeout` (seconds for the
         whole exchange) expires."""
@@ -347,7 +372,7 @@ class StreamClient:
         payload: bytes | bytearray | memoryview,
         digest: str,
         max_response: int,
-    ) -> bytearray | memoryview:
+    ) -> StreamReply:
         # A kept connection the server has since let go of fails before any answer
         # arrives: then the request goes again, once, on a new connection.
         for reuse in (True, False):
@@ -387,7 +412,10 @@ class StreamClient:
                 f"stream://{target[0]}:{target[1]}{path}",
             )
         self._idle.setdefault(target, []).append(conn)
-        return answer
+        extra = meta.get("extra", {})
+        if not isinstance(extra, dict):
+            raise NetError(f"stream://{target[0]}:{target[1]}{path} answered with extra {extra!r}, not an object")
+        return StreamReply(answer, str(meta["digest"]), extra)
 
     async def _connection(self, target: tuple[str, int], reuse: bool) -> tuple[Connection, bool]:
         """A connection to `target` and whether it was kept from an earlier exchange."""
