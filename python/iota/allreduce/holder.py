@@ -7,9 +7,8 @@ backup pulls the senders' parts from them: for a peer that asks for the full
 have-set of the shard (it found the owner gone before the decision), or to
 reduce the decided contributions (the owner died after it: the owner's own
 parts then died with it, and the round fails for everyone alike, to be run
-again). Holders keep
-frames, not a running sum, so a sender can still be dropped after its parts
-arrived (because they did not reach every shard).
+again). Holders keep frames, not a running sum, so a sender can still be
+dropped after its parts arrived (because they did not reach every shard).
 
 An owner does not wait for the decision to start reducing: once every member's
 frame of a part is in, it reduces that part for "everyone, at the declared
@@ -449,9 +448,9 @@ class HolderRound:
 
     async def relay(self, part: int, key: str) -> tuple[bytes, Buffer, str]:
         """The attested mean of `part` our gather got from a holder under the decision `key`
-        (attestation, frame, digest), once our gather is done asking holders for it; Refusal if it got none. Relays wait
-        on our asking holders only, never on our own relays: two peers short of the same
-        part cannot wait on each other."""
+        (attestation, frame, digest), once our gather is done asking holders for it;
+        Refusal if it got none. Relays wait on our asking holders only, never on our own
+        relays: two peers short of the same part cannot wait on each other."""
         if part not in self._tried:
             raise Refusal(404, "NoPart", f"round {self.plan.group.round_id} has no part {part}")
         owner = self.plan.members[self.plan.parts[part].shard]

@@ -402,7 +402,11 @@ class StreamClient:
         except BaseException:
             conn.close()
             raise
+        extra = meta.get("extra", {})
         status = meta.get("status")
+        if status == 200 and not isinstance(extra, dict):
+            conn.close()
+            raise NetError(f"stream://{target[0]}:{target[1]}{path} answered with extra {extra!r}, not an object")
         if status != 200:
             conn.close()  # after a refusal the server may end the connection
             raise PeerError(
@@ -412,9 +416,6 @@ class StreamClient:
                 f"stream://{target[0]}:{target[1]}{path}",
             )
         self._idle.setdefault(target, []).append(conn)
-        extra = meta.get("extra", {})
-        if not isinstance(extra, dict):
-            raise NetError(f"stream://{target[0]}:{target[1]}{path} answered with extra {extra!r}, not an object")
         return StreamReply(answer, str(meta["digest"]), extra)
 
     async def _connection(self, target: tuple[str, int], reuse: bool) -> tuple[Connection, bool]:
