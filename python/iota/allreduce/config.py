@@ -27,9 +27,8 @@ class AllReduceConfig:
     than 1 MiB parts (8 MiB gained nothing more; bench/allreduce.py).
 
     `max_inflight`: parts in flight at once, sent (encoded, to its owner) or
-    fetched. Parts take the
-    shards in turn, so in a group of 4 this is about one part to or from each
-    holder at a time: 4 against 2 made 1 Gbit/s int8 rounds 1.47 -> 1.33 s
+    fetched. Parts take the shards in turn, so in a group of 4 this is about
+    one part to or from each holder at a time: 4 against 2 made 1 Gbit/s int8 rounds 1.47 -> 1.33 s
     (6 or 8 gained nothing more). A peer keeps every frame it sent until the
     round retires, for a backup that may pull it.
 

@@ -252,8 +252,9 @@ class HolderRound:
 
     def _expected(self, shard: int) -> set[str]:
         """Who sends this holder its parts of `shard`: everyone to the owner, nobody to the backup."""
-        owner = self.plan.members[shard]
-        return (set(self.plan.members) if owner == self.me else set()) - set(self.bad)
+        if self.plan.members[shard] != self.me:
+            return set()
+        return set(self.plan.members) - set(self.bad)
 
     def _all_in(self) -> bool:
         return all(

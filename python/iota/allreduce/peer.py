@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class AllReducePeer:
     """Serves the holder routes for `wallet`'s hotkey and runs rounds as that hotkey.
 
@@ -133,8 +134,9 @@ class AllReducePeer:
         except MeanLostError as lost:
             # Nobody completed that round, or it would have handed the lost part on: every
             # survivor gets here and runs the round again, where the dead owner is excluded.
-            log.warning("%s; running the round again as %s", lost, group.again().round_id)
-            result = await self._round(group.again(), vector, weight, codec, out, started)
+            again = group.again()
+            log.warning("%s; running the round again as %s", lost, again.round_id)
+            result = await self._round(again, vector, weight, codec, out, started)
             result.report.again_after = str(lost)
             return result
 
