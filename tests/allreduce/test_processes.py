@@ -175,16 +175,16 @@ def test_a_corrupted_part_excludes_its_sender_and_is_reported(swarms, tmp_path):
     assert "checksum" in report["excluded"][hotkey(bad)]
 
 
-@pytest.mark.parametrize("liar", [False, True], ids=["honest-relays", "first-relay-lies"])
+@pytest.mark.parametrize("liar", [None, "mean", "gram"], ids=["honest-relays", "first-relay-lies", "first-relay-lies-about-gram"])
 def test_a_peer_no_holder_serves_gets_the_attested_mean_from_a_member_that_fetched_it(swarms, tmp_path, liar):
     # The owner of shard 1 serves every peer but one (as if the link between them were down)
     # and its backup serves no mean at all: without relays, that one peer would raise while
-    # the others complete. The member it asks first may hand on damaged means: the holder's
-    # attestation does not fit them, and the next member's do.
+    # the others complete. The member it asks first may hand on damaged means or inner
+    # products: the holder's attestation does not fit them, and the next member's do.
     first, owner, backup, cut_off = (sorted_index(4, position) for position in range(4))
     faults = {owner: {"withhold_means_from": hotkey(cut_off)}, backup: {"serve_no_means": True}}
     if liar:
-        faults[first] = {"corrupt_relays": True}
+        faults[first] = {"corrupt_relays": liar}
     swarm = launch(swarms, tmp_path, 4, one_round(), faults=faults)
     swarm.wait_results([0, 1, 2, 3], timeout=60)
     report = check_round(swarm, 0, [0, 1, 2, 3])
@@ -192,7 +192,8 @@ def test_a_peer_no_holder_serves_gets_the_attested_mean_from_a_member_that_fetch
     lines = swarm.round_results(0, [0, 1, 2, 3])
     shard = lines[cut_off]["report"]["shards"][1]
     assert shard["served_by"] == [] and shard["relayed_by"] and hotkey(cut_off) not in shard["relayed_by"]
-    assert (hotkey(first) in shard["relayed_by"]) == (not liar)
+    assert (hotkey(first) in shard["relayed_by"]) == (liar is None)
+    assert all(line["report"]["gram"] == lines[0]["report"]["gram"] for line in lines.values())
     # Everyone else got every shard from a holder; shard 2, whose owner serves no one but
     # itself, from its backup.
     for i, line in lines.items():

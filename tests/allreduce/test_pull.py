@@ -112,7 +112,7 @@ def test_a_backup_pulls_the_decided_contributions_or_refuses_to_serve(gone):
                 await holder.receive(sender, p, 1.0, frames[sender][p], remote=sender != backup)
         holder.record(decision)
         try:
-            return [await holder.result(p, decision.key) for p in plan.shard_parts[0]]
+            return [(await holder.mean(p, decision.key)).frame for p in plan.shard_parts[0]]
         finally:
             holder.stop()
 

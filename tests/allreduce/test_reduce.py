@@ -73,7 +73,7 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
             decision = Decision(counted_in, {0: {h: complete[h] for h in counted_in}},
                                 {excluded: "test"} if excluded else {})
             holder.record(decision)
-            return [await holder.attested_result(p, decision.key) for p in parts], counted_in, decision.key
+            return [await holder.mean(p, decision.key) for p in parts], counted_in, decision.key
         finally:
             holder.stop()
 
@@ -82,12 +82,17 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
     assert len(reduced) == len(parts) * (2 if excluded else 1)
     total = sum(counted_in.values())
     owner_key = Keypair(ss58_address=owner)
-    for p, (attestation, mean, digest) in zip(parts, means):
+    for p, mean in zip(parts, means):
         inputs = [(frames[h][p], counted_in[h] / total) for h in sorted(counted_in)]
-        expected, _ = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
-        assert mean == expected and digest == payload_digest(expected)
-        # The owner vouches for this mean of this part under this decision, and for nothing else.
-        assert owner_key.verify(mean_message(plan, p, key, digest), attestation)
-        assert not owner_key.verify(mean_message(plan, p, "another-decision", digest), attestation)
-        assert not owner_key.verify(mean_message(plan, p + 1, key, digest), attestation)
-        assert not owner_key.verify(mean_message(plan, p, key, payload_digest(b"another mean")), attestation)
+        expected, products = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
+        assert mean.frame == expected and mean.digest == payload_digest(expected)
+        assert mean.gram == products.tolist() and len(mean.gram) == len(counted_in)
+        # The owner vouches for this mean of this part under this decision with these inner
+        # products, and for nothing else.
+        digest, gram, attestation = mean.digest, mean.gram, mean.attestation
+        assert owner_key.verify(mean_message(plan, p, key, digest, gram), attestation)
+        assert not owner_key.verify(mean_message(plan, p, "another-decision", digest, gram), attestation)
+        assert not owner_key.verify(mean_message(plan, p + 1, key, digest, gram), attestation)
+        assert not owner_key.verify(mean_message(plan, p, key, payload_digest(b"another mean"), gram), attestation)
+        other_gram = [[v * 2 for v in row] for row in gram]
+        assert not owner_key.verify(mean_message(plan, p, key, digest, other_gram), attestation)

@@ -14,8 +14,9 @@ contributors, gather the reduced shards.
 3. Gather: fetch each part of the mean from its owner, else its backup, under
    that decision, checking it is that decision; else from any member whose own
    gather got it, checking the holder's attestation (so a holder that served
-   some peers and not others leaves none behind); then the inner products of
-   the contributions to each shard (for validators). A part none of them has
+   some peers and not others leaves none behind). Each part's mean comes with
+   the inner products of the contributions to it, in the attestation too; their
+   sum over the parts goes in the report (for validators). A part none of them has
    (its owner died after the decision, taking its own parts of the shard with
    it) fails the round with `MeanLostError` on every peer alike.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, TypeVar
@@ -40,7 +42,7 @@ from iota.allreduce.decision import Decision, HaveSet, MeanLost, RoundFailed, pr
 from iota.allreduce.errors import AllReduceError, GroupError, MeanLostError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
-from iota.allreduce.holder import ATTESTATION_BYTES, HolderRound, Refusal, mean_message, stochastic_seed
+from iota.allreduce.holder import ATTESTATION_BYTES, AttestedMean, HolderRound, Refusal, mean_message, stochastic_seed
 from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
 from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
@@ -97,7 +99,6 @@ class ButterflyRound:
         self.closed_early: set[str] = set()  # holders that closed before all our parts arrived
         self.served_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
         self.relayed_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}
-        self.attested_by: dict[int, set[str]] = {s: set() for s in range(plan.size)}  # holders, for relayed parts
         self.served_parts: set[int] = set()
         self.decision: Decision | None = None
         self.gram: list[list[float]] | None = None
@@ -120,8 +121,8 @@ class ButterflyRound:
             lap("scatter")
             self.decision = await self.decide()
             lap("decide")
-            mean, frames, digests = await self.gather(self.decision)
-            self.gram = await self.gather_gram(self.decision)
+            mean, means = await self.gather(self.decision)
+            self.gram = summed_gram(means, len(self.decision.contributors))
             lap("gather")
         except RoundFailed as exc:
             report = self.report(time.monotonic() - started, error=str(exc))
@@ -129,6 +130,7 @@ class ButterflyRound:
             raise error(f"round {self.plan.group.round_id} failed on {self.me}: {exc}", report) from None
         finally:
             self.holder.gather_ended()
+        frames, digests = [m.frame for m in means], [m.digest for m in means]
         return AllReduceResult(mean, frames, digests, self.report(time.monotonic() - started))
 
     # -- talking to holders -------------------------------------------------------
@@ -300,40 +302,39 @@ class ButterflyRound:
 
     # -- 3. gather ---------------------------------------------------------------------
 
-    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[Buffer], list[str]]:
-        """The mean decoded, its frames and their digests (each checked as it arrived)."""
+    async def gather(self, decision: Decision) -> tuple[torch.Tensor, list[AttestedMean]]:
+        """The mean decoded, and each part's attested mean as it arrived (checked)."""
         mean = self.out if self.out is not None else huge_page_tensor(self.plan.numel)
-        frames: list[Buffer] = [b""] * len(self.plan.parts)
-        digests = [""] * len(self.plan.parts)
+        means: list[AttestedMean | None] = [None] * len(self.plan.parts)
         slots = asyncio.Semaphore(self.config.max_inflight)
 
         async def fetch(part: Part) -> None:
             async with slots:
                 problems: list[str] = []
                 try:
-                    data = await self._from_holders(part, decision, mean, problems)
+                    got = await self._from_holders(part, decision, mean, problems)
                 finally:
                     self.holder.tried(part.index)
-                if data is None:  # no holder serves us this part: a member whose own gather got it hands it on
-                    data = await self._from_relays(part, decision, mean, problems)
-                if data is None:
+                if got is None:  # no holder serves us this part: a member whose own gather got it hands it on
+                    got = await self._from_relays(part, decision, mean, problems)
+                if got is None:
                     raise MeanLost(f"no holder served part {part.index} of shard {part.shard}, "
                                    f"and no member had it: {'; '.join(problems)}")
-                frames[part.index], digests[part.index] = data
+                means[part.index] = got
                 self.served_parts.add(part.index)
 
         await run_all(fetch(part) for part in self._rotation())
-        return mean, frames, digests
+        return mean, means  # type: ignore[return-value]  # every part is in, or run_all raised
 
     async def _from_holders(
         self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
-    ) -> tuple[Buffer, str] | None:
-        """The mean of `part` (and its digest) from its owner, else its backup, decoded into
-        `mean`; None if neither serves it."""
+    ) -> AttestedMean | None:
+        """The mean of `part` from its owner, else its backup, decoded into `mean`; None if
+        neither serves it."""
         for holder in self._sources(part.shard):
             try:
-                attestation, data, digest = await self._result(holder, part, decision)
-                await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+                got = await self._result(holder, part, decision)
+                await asyncio.to_thread(Codec.decode_into, got.frame, mean[part.begin : part.end])
             except (Refusal, PeerError) as exc:
                 if exc.kind == "DecisionMismatch":
                     raise RoundFailed(str(exc)) from None
@@ -343,55 +344,26 @@ class ButterflyRound:
                 problems.append(f"{holder}: {exc}")
                 self._lost(holder, "fetch the mean from", exc)
                 continue
-            self.holder.relayable[part.index] = (decision.key, attestation, data, digest)
+            self.holder.relayable[part.index] = (decision.key, got)
             self.served_by[part.shard].add(holder)
-            return data, digest
+            return got
         return None
 
     async def _from_relays(
         self, part: Part, decision: Decision, mean: torch.Tensor, problems: list[str]
-    ) -> tuple[Buffer, str] | None:
-        """The mean of `part` (and its digest) as another member's gather got it, decoded into
-        `mean`; None if none has it."""
+    ) -> AttestedMean | None:
+        """The mean of `part` as another member's gather got it, decoded into `mean`; None if
+        none has it."""
         for member in self._relays():
             try:
-                attester, data, digest = await self._relayed(member, part, decision)
-                await asyncio.to_thread(Codec.decode_into, data, mean[part.begin : part.end])
+                got = await self._relayed(member, part, decision)
+                await asyncio.to_thread(Codec.decode_into, got.frame, mean[part.begin : part.end])
             except (Refusal, NetError, CodecError) as exc:  # PeerError is a NetError
                 problems.append(f"{member} (relay): {exc}")
                 continue
             self.relayed_by[part.shard].add(member)
-            self.attested_by[part.shard].add(attester)
-            return data, digest
+            return got
         return None
-
-    async def gather_gram(self, decision: Decision) -> list[list[float]] | None:
-        """The contributions' inner products: each shard's from a holder that served
-        its mean, summed. None if one cannot be had (the mean stands regardless)."""
-        order = sorted(decision.contributors)
-
-        async def fetch(shard: int) -> torch.Tensor | None:
-            for holder in (h for h in self._sources(shard) if h in self.served_by[shard] | self.attested_by[shard]):
-                try:
-                    if holder == self.me:
-                        reply = await self.holder.gram(shard, decision.key)
-                    else:
-                        path = self._path(f"grams/{shard}", decision=decision.key)
-                        reply = json.loads(await self._call(holder, "GET", path, b"", self.config.wait_bound(0)))
-                    gram = torch.tensor(reply["gram"], dtype=torch.float64)
-                    if reply["contributors"] != order or gram.shape != (len(order), len(order)):
-                        raise ValueError(f"a Gram matrix of {reply['contributors']}, not of {order}")
-                    return gram
-                except (Refusal, NetError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("round %s: no Gram matrix of shard %d from %s: %s",
-                                self.plan.group.round_id, shard, holder, exc)
-            return None
-
-        shards = [s for s in range(self.plan.size) if self.plan.shard_parts[s]]
-        grams = await asyncio.gather(*(fetch(s) for s in shards))
-        if any(g is None for g in grams):
-            return None
-        return torch.stack(grams).sum(0).tolist()  # type: ignore[arg-type]
 
     def _sources(self, shard: int) -> list[str]:
         """Where to fetch a shard: the owner, then the backup (which may have to pull the
@@ -405,33 +377,34 @@ class ButterflyRound:
         reply = await self._stream(sender, "GET", path, self.config.wait_bound(frame_bytes), max_response=frame_bytes)
         return reply.payload
 
-    async def _result(self, holder: str, part: Part, decision: Decision) -> tuple[bytes, Buffer, str]:
-        """`holder`'s attestation of the mean of `part`, the mean and its digest."""
+    async def _result(self, holder: str, part: Part, decision: Decision) -> AttestedMean:
+        """`holder`'s attested mean of `part`."""
         if holder == self.me:
-            return await self.holder.attested_result(part.index, decision.key)
+            return await self.holder.mean(part.index, decision.key)
         # The holder may still be reducing: everything it holds, at the slowest rate we wait for.
         timeout = self.config.wait_bound(self.plan.shard_bytes(holder) * self.plan.size)
         path = self._path(f"results/{part.index}", decision=decision.key)
-        return _attested(await self._stream(holder, "GET", path, timeout, max_response=part.frame_bytes))
+        reply = await self._stream(holder, "GET", path, timeout, max_response=part.frame_bytes)
+        return _attested(reply, len(decision.contributors))
 
     def _relays(self) -> list[str]:
         """Whom to ask for a part no holder serves us: every other member, known-dead last."""
         return sorted((m for m in self.plan.members if m != self.me), key=lambda m: m in self.unreachable)
 
-    async def _relayed(self, member: str, part: Part, decision: Decision) -> tuple[str, Buffer, str]:
-        """Which holder attested the mean of `part` `member`'s gather got, the mean and its digest;
-        NetError unless a holder of the part's shard signed it for this round and decision."""
+    async def _relayed(self, member: str, part: Part, decision: Decision) -> AttestedMean:
+        """The attested mean of `part` `member`'s gather got; NetError unless a holder of
+        the part's shard signed it (its digest and Gram matrix) for this round and decision."""
         owner = self.plan.members[part.shard]
         # The member may still be asking the holders for it, as long as we did.
         timeout = self.config.wait_bound(self.plan.shard_bytes(owner) * self.plan.size)
         path = self._path(f"relays/{part.index}", decision=decision.key)
-        attestation, data, digest = _attested(await self._stream(member, "GET", path, timeout,
-                                                                 max_response=part.frame_bytes))
-        message = mean_message(self.plan, part.index, decision.key, digest)
+        reply = await self._stream(member, "GET", path, timeout, max_response=part.frame_bytes)
+        got = _attested(reply, len(decision.contributors))
+        message = mean_message(self.plan, part.index, decision.key, got.digest, got.gram)
         for holder in self.plan.holders(part.shard):
             try:
-                if Keypair(ss58_address=holder).verify(message, attestation):
-                    return holder, data, digest
+                if Keypair(ss58_address=holder).verify(message, got.attestation):
+                    return got
             except ValueError:  # not a 64-byte signature
                 break
         raise NetError(f"{member} handed on a mean of part {part.index} that no holder of shard {part.shard} signed")
@@ -481,12 +454,24 @@ class ButterflyRound:
         )
 
 
-def _attested(reply: StreamReply) -> tuple[bytes, Buffer, str]:
-    """A served mean's attestation, frame and digest; NetError if it came without an attestation."""
+def _attested(reply: StreamReply, contributors: int) -> AttestedMean:
+    """A served mean with its attestation and Gram matrix (`contributors` square);
+    NetError if either is missing or malformed."""
     try:
         attestation = bytes.fromhex(reply.extra["attestation"])
     except (KeyError, TypeError, ValueError):
         attestation = b""
     if len(attestation) != ATTESTATION_BYTES:
         raise NetError(f"a mean came without its {ATTESTATION_BYTES}-byte attestation: {reply.extra!r}")
-    return attestation, reply.payload, reply.digest
+    gram = reply.extra.get("gram")
+    if not (isinstance(gram, list) and len(gram) == contributors
+            and all(isinstance(row, list) and len(row) == contributors for row in gram)
+            and all(type(v) is float and math.isfinite(v) for row in gram for v in row)):
+        raise NetError(f"a mean came without the {contributors}x{contributors} Gram matrix of its contributions")
+    return AttestedMean(reply.payload, reply.digest, gram, attestation)
+
+
+def summed_gram(means: list[AttestedMean], n: int) -> list[list[float]]:
+    """The parts' n x n Gram matrices summed, each entry exactly rounded (`math.fsum`), so
+    the sum is the same on every peer whatever order or machine."""
+    return [[math.fsum(m.gram[i][j] for m in means) for j in range(n)] for i in range(n)]

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from iota.codec import Codec
+from iota.net.answers import payload_digest
+
+if TYPE_CHECKING:
+    from iota.allreduce.holder import AttestedMean
 
 KILL_POINTS = ("before_send", "mid_send", "after_decision")
+RELAY_LIES = ("mean", "gram")
 
 
 @dataclass(frozen=True)
@@ -26,19 +32,22 @@ class Faults:
     gets one payload byte flipped. `withhold_means_from`: as a holder, refuse every
     mean to this hotkey (as if the link between them were down); `serve_no_means`:
     refuse every mean to everyone (as if this holder had lost what it held);
-    `corrupt_relays`: every mean this peer hands on to another is a different one,
-    well-formed and checksummed (only the holder's attestation can tell)."""
+    `corrupt_relays`: every mean this peer hands on to another comes with a different
+    "mean" (well-formed and checksummed) or "gram" (inner products) than the holder
+    attested: only the attestation can tell."""
 
     kill_at: str | None = None
     send_delay: float = 0.0
     corrupt_part: int | None = None
     withhold_means_from: str | None = None
     serve_no_means: bool = False
-    corrupt_relays: bool = False
+    corrupt_relays: str | None = None
 
     def __post_init__(self) -> None:
         if self.kill_at is not None and self.kill_at not in KILL_POINTS:
             raise ValueError(f"kill_at={self.kill_at!r}; use one of {KILL_POINTS}")
+        if self.corrupt_relays is not None and self.corrupt_relays not in RELAY_LIES:
+            raise ValueError(f"corrupt_relays={self.corrupt_relays!r}; use one of {RELAY_LIES}")
 
     def reached(self, point: str) -> None:
         if self.kill_at == point:
@@ -47,12 +56,15 @@ class Faults:
     def withholds_means_from(self, hotkey: str) -> bool:
         return self.serve_no_means or hotkey == self.withhold_means_from
 
-    def tamper_relay(self, frame: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-        if not self.corrupt_relays:
-            return frame
-        values = Codec.decode(frame)
-        values[0] += 1.0
-        return Codec.of_frame(frame).encode(values)
+    def tamper_relay(self, mean: AttestedMean) -> AttestedMean:
+        if self.corrupt_relays == "gram":
+            return replace(mean, gram=[[v + 1.0 for v in row] for row in mean.gram])
+        if self.corrupt_relays == "mean":
+            values = Codec.decode(mean.frame)
+            values[0] += 1.0
+            frame = Codec.of_frame(mean.frame).encode(values)
+            return replace(mean, frame=frame, digest=payload_digest(frame))
+        return mean
 
     def tamper(self, sent: int, frame: bytes | memoryview) -> bytes | memoryview:
         if sent != self.corrupt_part:

@@ -17,7 +17,8 @@ confirms the guess (or the part is reduced again for what it does say), so the
 reduce runs while the scatter is still finishing instead of after it.
 
 Every mean a holder serves comes with its attestation: the holder's signature
-over the round, the part, the decision and the mean's digest (`mean_message`).
+over the round, the part, the decision, the mean's digest and the inner products
+of the contributions to the part (`mean_message`).
 Any member can check it, so a member that fetched a mean can hand it on
 (`relay`) to one that no holder serves (a holder gone after serving some
 peers, or cut off from some): then if any peer completes, all can.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import time
@@ -95,12 +97,28 @@ def check_frame(frame: Buffer, part: Part, codec: Codec, digest: str | None = No
     return digest or payload_digest(frame)
 
 
-def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str) -> bytes:
+def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str, gram: list[list[float]]) -> bytes:
     """What a holder signs for the mean of `part` it serves under a decision, given the
-    `payload_digest` of its frame: bound to the round (its id and plan) and to the
-    decision, so it vouches for nothing else."""
-    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest)
+    `payload_digest` of its frame and the contributions' Gram matrix of the part: bound
+    to the round (its id and plan) and to the decision, so it vouches for nothing else."""
+    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest, json.dumps(gram))
     return MEAN_CONTEXT + "\n".join(fields).encode()
+
+
+@dataclass(frozen=True)
+class AttestedMean:
+    """The mean of one part as a holder serves it: the frame, its `payload_digest`, the
+    inner products of the decided contributions to the part (sorted hotkey order, as the
+    holder decoded them) and the holder's signature over them (`mean_message`)."""
+
+    frame: Buffer
+    digest: str
+    gram: list[list[float]]
+    attestation: bytes
+
+    def extra(self) -> dict[str, object]:
+        """What travels beside the frame, in a stream answer's signed meta."""
+        return {"attestation": self.attestation.hex(), "gram": self.gram}
 
 
 Contributors = tuple[tuple[str, float], ...]  # (sender, declared weight), sorted by sender
@@ -145,14 +163,10 @@ class HolderRound:
         self.bad: dict[str, str] = {}
         self.have: HaveSet | None = None
         self.decision: Decision | None = None
-        self.results: dict[int, Buffer] = {}
-        self.attestations: dict[int, bytes] = {}  # part -> our signature over its mean (`mean_message`)
-        self.result_digests: dict[int, str] = {}  # part -> `payload_digest` of its mean: hashed once, served often
-        # What this peer's own gather got (decision key, attestation, mean frame, its digest), for members
-        # no holder serves.
-        self.relayable: dict[int, tuple[str, bytes, Buffer, str]] = {}
+        self.means: dict[int, AttestedMean] = {}  # part -> its mean under the decision: hashed once, served often
+        # What this peer's own gather got (decision key, mean), for members no holder serves.
+        self.relayable: dict[int, tuple[str, AttestedMean]] = {}
         self._tried = {p.index: asyncio.Event() for p in plan.parts}  # our gather is done asking holders for it
-        self.grams: dict[int, torch.Tensor] = {}  # shard -> inner products of the contributions, summed over parts
         self.unservable: dict[int, str] = {}  # shard -> why this holder cannot serve it
         self.opened = time.monotonic()
         self._received = 0
@@ -409,13 +423,13 @@ class HolderRound:
             for p in parts:
                 guessed, guess = self._guesses.get(p, ((), None))
                 if guess is not None and guessed == decided:
-                    self.results[p], gram = await guess
+                    frame, products = await guess
                 else:
-                    self.results[p], gram = await self._reduce_part(p, decided)
-                self.result_digests[p] = await asyncio.to_thread(payload_digest, self.results[p])
-                self.attestations[p] = self.signer.sign(
-                    mean_message(self.plan, p, self.decision.key, self.result_digests[p]))
-                self.grams[shard] = self.grams.get(shard, 0) + gram
+                    frame, products = await self._reduce_part(p, decided)
+                digest = await asyncio.to_thread(payload_digest, frame)
+                gram = products.tolist()
+                attestation = self.signer.sign(mean_message(self.plan, p, self.decision.key, digest, gram))
+                self.means[p] = AttestedMean(frame, digest, gram, attestation)
                 del self.frames[p]  # the inputs are no longer needed
                 self._ready[p].set()
         except CodecError as exc:  # frames were checked on receipt: only a bug or bad memory gets here
@@ -426,17 +440,12 @@ class HolderRound:
                 self.frames.pop(p, None)
                 self._ready[p].set()
 
-    async def result(self, part: int, key: str) -> Buffer:
-        """The mean of `part` under the decision `key` (the caller's)."""
+    async def mean(self, part: int, key: str) -> AttestedMean:
+        """The mean of `part` under the decision `key` (the caller's), attested."""
         if part not in self.held:
             raise Refusal(404, "NotHeld", f"{self.me} holds no part {part} of round {self.plan.group.round_id}")
         await self._reduced([part], key)
-        return self.results[part]
-
-    async def attested_result(self, part: int, key: str) -> tuple[bytes, Buffer, str]:
-        """Our attestation of `result`, `result`, and its digest."""
-        frame = await self.result(part, key)
-        return self.attestations[part], frame, self.result_digests[part]
+        return self.means[part]
 
     def tried(self, part: int) -> None:
         """Our gather is done asking holders for `part` (whether one served it or not)."""
@@ -447,9 +456,9 @@ class HolderRound:
         for event in self._tried.values():
             event.set()
 
-    async def relay(self, part: int, key: str) -> tuple[bytes, Buffer, str]:
-        """The attested mean of `part` our gather got from a holder under the decision `key`
-        (attestation, frame, digest), once our gather is done asking holders for it;
+    async def relay(self, part: int, key: str) -> AttestedMean:
+        """The attested mean of `part` our gather got from a holder under the decision `key`,
+        once our gather is done asking holders for it;
         Refusal if it got none. Relays wait on our asking holders only, never on our own
         relays: two peers short of the same part cannot wait on each other."""
         if part not in self._tried:
@@ -462,20 +471,10 @@ class HolderRound:
             raise Refusal(409, "NotReady", f"{self.me} has no mean of part {part} to hand on yet") from None
         if part not in self.relayable:
             raise Refusal(404, "NotFetched", f"{self.me} got no mean of part {part} from a holder either")
-        decided, attestation, frame, digest = self.relayable[part]
+        decided, mean = self.relayable[part]
         if decided != key:
             raise Refusal(409, "DecisionMismatch", f"{self.me} gathered under decision {decided}, not {key}")
-        return attestation, frame, digest
-
-    async def gram(self, shard: int, key: str) -> dict[str, object]:
-        """Inner products of the contributions to `shard` under the decision `key`:
-        {"contributors": sorted hotkeys, "gram": matrix in that order}. Validators
-        read them to find merge contributions far from the others'."""
-        if shard not in self.shards:
-            raise Refusal(404, "NotHeld", f"{self.me} holds no shard {shard} of round {self.plan.group.round_id}")
-        await self._reduced(self.plan.shard_parts[shard], key)
-        assert self.decision is not None
-        return {"contributors": sorted(self.decision.contributors), "gram": self.grams[shard].tolist()}
+        return mean
 
     async def _reduced(self, parts: list[int], key: str) -> None:
         """Wait until `parts` are reduced under the decision `key`; Refusal if they cannot be."""
@@ -529,6 +528,6 @@ class HolderRound:
         self._tasks.clear()
         self._guesses.clear()
         self.frames.clear()
-        self.results.clear()
+        self.means.clear()
         self.relayable.clear()
         self.sent.clear()

@@ -43,9 +43,9 @@ class AllReduceReport:
     and server, up to the moment the report was made. `phases` has the seconds spent
     scattering parts, deciding and gathering the mean, as far as it got.
     `gram` holds the inner products of the contributions (as the holders
-    decoded them) in sorted hotkey order, summed over shards: what a
-    validator needs to tell a contribution far from the others' (norms,
-    angles, distances); None when a holder did not give its shard's.
+    decoded them, each part's attested with its mean) in sorted hotkey order,
+    summed over the parts: what a validator needs to tell a contribution far
+    from the others' (norms, angles, distances); None if the round failed.
     `again_after` is set when the round was run again (`Group.again()`)
     because its first try failed for everyone alike: the first try's error.
     """

@@ -3,9 +3,10 @@
 On streams (iota.net.stream: the bulk bytes, on persistent connections):
 
     POST /allreduce/{round}/parts/{part}?fp=&weight=   a sender's frame of one part
-    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision, the
-                                                       holder's attestation of it (`mean_message`)
-                                                       in the answer's extra {"attestation": hex}
+    GET  /allreduce/{round}/results/{part}?fp=&decision=   the reduced part under that decision; in the
+                                                       answer's extra {"attestation": hex, "gram":
+                                                       the contributions' inner products}, both in
+                                                       the holder's attestation (`mean_message`)
     GET  /allreduce/{round}/relays/{part}?fp=&decision=    the attested mean this peer's gather got from
                                                        a holder (the same way), for a member no holder
                                                        serves
@@ -16,7 +17,6 @@ Over HTTP, on the same port (small JSON documents):
     GET  /allreduce/{round}/have?fp=&full=             the closed have-set (waits for the close); `full`
                                                        lists shards to pull from their senders first
     POST /allreduce/{round}/decision?fp=               write-once contributor decision (JSON)
-    GET  /allreduce/{round}/grams/{shard}?fp=&decision=    inner products of the shard's contributions (JSON)
     POST /allreduce/{round}/done?fp=                   the sender fetches nothing more (holders may let go)
 
 `fp` is the round plan's fingerprint: a peer whose view of the round
@@ -163,15 +163,13 @@ class HolderStreams:
             return data
         key = parameter(split.path, values, "decision", str)
         if route["what"] == "relays":
-            attestation, frame, digest = await holder.relay(part, key)
-            tampered = holder.faults.tamper_relay(frame)
-            digest, frame = (digest if tampered is frame else None), tampered
+            mean = holder.faults.tamper_relay(await holder.relay(part, key))
         elif holder.faults.withholds_means_from(request.sender.hotkey):
             raise Refusal(503, "Withheld", f"{holder.me} serves no mean to {request.sender.hotkey} (a test fault)")
         else:
-            attestation, frame, digest = await holder.attested_result(part, key)
-        holder.traffic.sent += len(frame)
-        return StreamAnswer((frame,), digest, {"attestation": attestation.hex()})
+            mean = await holder.mean(part, key)
+        holder.traffic.sent += len(mean.frame)
+        return StreamAnswer((mean.frame,), mean.digest, mean.extra())
 
 
 def holder_app(wallet: WalletLike, chain: Chain, rounds: Rounds, guard: GuardConfig | None = None) -> web.Application:
@@ -215,11 +213,6 @@ def holder_app(wallet: WalletLike, chain: Chain, rounds: Rounds, guard: GuardCon
             raise Refusal(400, "BadRequest", f"not a decision: {exc}") from None
         return reply_json(holder, holder.record(proposal).to_json())
 
-    @route_policy(max_body=0)
-    @answer
-    async def get_gram(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
-        return reply_json(holder, await holder.gram(param(request, "shard", int), param(request, "decision", str)))
-
     async def done(request: web.Request, holder: HolderRound, sender: str) -> web.StreamResponse:
         holder.done(sender)
         return web.Response(status=204)
@@ -230,6 +223,5 @@ def holder_app(wallet: WalletLike, chain: Chain, rounds: Rounds, guard: GuardCon
     app = signed_app(wallet, chain, guard)
     app.router.add_get("/allreduce/{round}/have", get_have)
     app.router.add_post("/allreduce/{round}/decision", post_decision)
-    app.router.add_get("/allreduce/{round}/grams/{shard}", get_gram)
     app.router.add_post("/allreduce/{round}/done", post_done)
     return app
