@@ -147,13 +147,13 @@ py::dict parse(py::handle frame, bool verify_payload) {
   return spec_dict(s, l);
 }
 
-void decode_into(py::handle frame, py::handle out, int out_dtype, int threads) {
+void decode_into(py::handle frame, py::handle out, int out_dtype, int threads, bool verify) {
   Buffer f(frame, false, "frame");
   Buffer o(out, true, "output");
   if (out_dtype < 0 || out_dtype > DT_BF16) throw CodecError("unknown output dtype code");
   py::gil_scoped_release nogil;
   FrameLayout l;
-  FrameSpec s = parse_frame(f.data(), f.size(), &l);
+  FrameSpec s = parse_frame(f.data(), f.size(), &l, verify);
   if (o.size() != s.numel * dtype_size(out_dtype))
     throw CodecError("output holds " + std::to_string(o.size()) + " bytes; the frame decodes to " +
                      std::to_string(s.numel) + " elements");
@@ -256,7 +256,8 @@ PYBIND11_MODULE(_C, m) {
         "Encode into a writable buffer of at least the frame's size; returns the frame's length.");
   m.def("parse", &parse, py::arg("frame"), py::arg("verify_payload") = true,
         "Validate a frame (fields, lengths, then checksum and scales); return its header.");
-  m.def("decode_into", &decode_into, py::arg("frame"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0);
+  m.def("decode_into", &decode_into, py::arg("frame"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0,
+        py::arg("verify") = true, "Decode into a writable buffer; verify=false skips the checksum, not the structure.");
   m.def("decode_accumulate", &decode_accumulate, py::arg("frame"), py::arg("acc"), py::arg("weight"),
         py::arg("threads") = 0, "acc (fp32) += weight * decoded, fused.");
   m.def("decode_reduce", &decode_reduce, py::arg("frames"), py::arg("weights"), py::arg("acc"), py::arg("gram"),

@@ -190,6 +190,19 @@ def test_decode_into_and_accumulate():
         Codec.decode_into(frame, torch.empty(9_999))
 
 
+def test_decode_into_without_verify_skips_only_the_checksum():
+    frame = Codec(bits=8).encode(sample(10_000, seed=7))
+    stale = bytearray(frame)
+    stale[-1] ^= 1  # the checksum itself: the payload is intact
+    out = torch.empty(10_000)
+    with pytest.raises(CodecError, match="checksum"):
+        Codec.decode_into(bytes(stale), out)
+    Codec.decode_into(bytes(stale), out, verify=False)
+    assert torch.equal(out, Codec.decode(frame))
+    with pytest.raises(CodecError, match="truncated|length|size"):  # the structure is still checked
+        Codec.decode_into(bytes(stale[:-9]), out, verify=False)
+
+
 def test_encode_into_a_reused_buffer():
     x = sample(3000, seed=8)
     c = Codec(bits=4, block=128)
