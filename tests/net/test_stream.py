@@ -30,7 +30,7 @@ from iota.net import (
     signed_app,
 )
 from iota.net.answers import EMPTY_DIGEST, REQUEST_SIGNATURE, answer_message, payload_digest
-from iota.net.stream import HEADER, MAGIC, POOLED_READ
+from iota.net.stream import HEADER, MAGIC, MAX_ANSWER_META, MAX_META, POOLED_READ
 
 LIMIT = 4 << 20
 TIMEOUT = 30.0
@@ -287,12 +287,14 @@ def test_a_server_that_never_answers_times_out(keys, chain):
 
 @pytest.mark.parametrize(
     "forgery",
-    ["honest", "unsigned", "signature_truncated", "signed_by_another_hotkey", "payload_swapped",
-     "signed_for_another_request", "refusal_signed_by_another_hotkey", "extra_added_after_signing"],
+    ["honest", "honest_with_extra_over_a_request_meta", "unsigned", "signature_truncated",
+     "signed_by_another_hotkey", "payload_swapped", "signed_for_another_request",
+     "refusal_signed_by_another_hotkey", "extra_added_after_signing", "meta_not_json", "meta_over_the_limit"],
 )
 def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_request(keys, chain, forgery):
     """A hand-written server answers the way an impostor or a tampering middlebox would."""
     payload, other = b"the mean", b"not the mean"
+    large = {"gram": "A" * (4 * MAX_META)}  # e.g. the inner products of many contributions
 
     def signed(signer, request_signature: str, meta: dict) -> dict:
         return {**meta, "signature": signer.sign(answer_message(request_signature, meta)).hex()}
@@ -307,6 +309,8 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
         answer = {"status": 200, "digest": payload_digest(payload)}
         if forgery == "honest":
             answer = signed(keys.server, asked, answer)
+        elif forgery == "honest_with_extra_over_a_request_meta":
+            answer = signed(keys.server, asked, {**answer, "extra": large})
         elif forgery == "signature_truncated":
             answer = signed(keys.server, asked, answer)
             answer["signature"] = answer["signature"][:-2]
@@ -322,7 +326,10 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
             refusal = {"status": 409, "error": "Closed", "detail": "go away", "digest": EMPTY_DIGEST}
             answer, sent = signed(keys.stranger, asked, refusal), b""
         encoded = json.dumps(answer).encode()
-        writer.write(HEADER.pack(len(encoded), len(sent)) + encoded + sent)
+        if forgery == "meta_not_json":
+            encoded = b"{not json"
+        announced = MAX_ANSWER_META + 1 if forgery == "meta_over_the_limit" else len(encoded)
+        writer.write(HEADER.pack(announced, len(sent)) + encoded + sent)
         await writer.drain()
         writer.close()
 
@@ -333,13 +340,16 @@ def test_an_answer_counts_only_if_the_addressed_server_signed_it_for_this_reques
         try:
             ask = client.request("GET", url, "/results/0", receiver=keys.server.ss58_address, timeout=TIMEOUT,
                                  max_response=LIMIT)
-            if forgery == "honest":
-                assert bytes((await ask).payload) == payload
+            if forgery.startswith("honest"):
+                answer = await ask
+                assert bytes(answer.payload) == payload
+                assert answer.extra == (large if forgery != "honest" else {})
                 return
             with pytest.raises(NetError) as taken:
                 await ask
             assert not isinstance(taken.value, PeerError)  # not even a refusal is believed
-            assert ("digest" if forgery == "payload_swapped" else "signature") in str(taken.value)
+            expected = {"payload_swapped": "digest", "meta_not_json": "malformed", "meta_over_the_limit": "malformed"}
+            assert expected.get(forgery, "signature") in str(taken.value)
             assert client._idle == {}  # nor is the connection kept
         finally:
             client.close()

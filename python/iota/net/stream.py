@@ -67,7 +67,8 @@ if TYPE_CHECKING:
 
 MAGIC = b"\x00iota-stream/1\n"
 HEADER = struct.Struct("!IQ")
-MAX_META = 64 << 10
+MAX_META = 64 << 10  # a request's meta, read before its signature is checked
+MAX_ANSWER_META = 1 << 20  # an answer's, from the server the client chose: its extra may be large (a Gram matrix)
 POOLED_READ = 64 << 10  # reads larger than this (never a meta) go into pooled blocks (iota._C.ByteBlock)
 DISCARD_PIECE = 1 << 20
 DISCARD_FACTOR = 4
@@ -176,13 +177,14 @@ class Connection(asyncio.BufferedProtocol):
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
 
-    async def receive_header(self) -> tuple[dict[str, Any], int]:
-        """The next message's meta and payload length (the payload is left to `read`)."""
+    async def receive_header(self, max_meta: int = MAX_META) -> tuple[dict[str, Any], int]:
+        """The next message's meta and payload length (the payload is left to `read`);
+        Refused(400) if the meta is over `max_meta` bytes or not a JSON object."""
         meta_len, payload_len = HEADER.unpack(await self.read(HEADER.size))
-        if meta_len > MAX_META:
-            raise Refused(400, "BadMessage", f"message meta of {meta_len} bytes; the limit is {MAX_META}")
+        if meta_len > max_meta:
+            raise Refused(400, "BadMessage", f"message meta of {meta_len} bytes; the limit is {max_meta}")
         try:
-            meta = json.loads(await self.read(meta_len))
+            meta = json.loads(bytes(await self.read(meta_len)))  # a large one arrives as a view of a pooled block
         except ValueError as exc:
             raise Refused(400, "BadMessage", f"message meta is not JSON: {exc}") from None
         if not isinstance(meta, dict):
@@ -382,13 +384,17 @@ class StreamClient:
                     self.signer, method=method, path=path, body=bytes.fromhex(digest), receiver_ss58=receiver
                 )
                 await conn.send({"method": method, "path": path, "headers": headers, "digest": digest}, payload)
-                meta, payload_len = await conn.receive_header()
+                meta, payload_len = await conn.receive_header(MAX_ANSWER_META)
                 signed_request = headers[REQUEST_SIGNATURE]
             except ConnectionClosed:
                 conn.close()
                 if reused:
                     continue
                 raise
+            except Refused as malformed:  # the server's answer, not a refusal it sent
+                conn.close()
+                raise NetError(f"stream://{target[0]}:{target[1]}{path} answered a malformed message: "
+                               f"{malformed.detail}") from None
             except BaseException:
                 conn.close()
                 raise
