@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 from bittensor.sp_core import Keypair
@@ -13,10 +14,11 @@ import iota.allreduce.holder as holder_module
 from iota.allreduce import AllReduceConfig, Group, Member, RoundPlan
 from iota.allreduce.decision import Decision
 from iota.allreduce.faults import Faults
-from iota.allreduce.holder import HolderRound, mean_message, reduce_part
+from iota.allreduce.holder import HolderRound, gram_of_text, gram_text, mean_message, reduce_part
 from iota.chain import dev_keypair
 from iota.codec import Codec
 from iota.net.answers import payload_digest
+from iota.net.stream import MAX_ANSWER_META
 
 
 def test_reduce_part_is_the_fused_weighted_sum_and_its_gram():
@@ -35,6 +37,17 @@ def test_reduce_part_is_the_fused_weighted_sum_and_its_gram():
     exact = decoded @ decoded.T
     assert products.dtype == torch.float64
     assert float((products - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+def test_a_gram_matrix_travels_exactly_and_a_few_hundred_contributors_fit_in_an_answer():
+    products = torch.randn(256, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    text = gram_text(products)
+    assert np.array_equal(gram_of_text(text, 256), products.numpy())
+    assert len(text) + 1000 < MAX_ANSWER_META  # with the attestation and the rest of the meta
+    for bad, why in [(text, "bytes"), ("not base64!", "base64"), ([[1.0]], "base64"),
+                     (gram_text(torch.tensor([[float("inf")]], dtype=torch.float64)), "finite")]:
+        with pytest.raises(ValueError, match=why):
+            gram_of_text(bad, 255 if bad is text else 1)
 
 
 KEYS = {key.ss58_address: key for key in (dev_keypair(f"iota-guess-{i}") for i in range(4))}
@@ -86,7 +99,7 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
         inputs = [(frames[h][p], counted_in[h] / total) for h in sorted(counted_in)]
         expected, products = reduce_part(codec, inputs, None, torch.empty(plan.parts[p].end - plan.parts[p].begin))
         assert mean.frame == expected and mean.digest == payload_digest(expected)
-        assert mean.gram == products.tolist() and len(mean.gram) == len(counted_in)
+        assert np.array_equal(gram_of_text(mean.gram, len(counted_in)), products.numpy())
         # The owner vouches for this mean of this part under this decision with these inner
         # products, and for nothing else.
         digest, gram, attestation = mean.digest, mean.gram, mean.attestation
@@ -94,5 +107,5 @@ def test_an_owner_reduces_before_the_decision_and_keeps_only_what_the_decision_c
         assert not owner_key.verify(mean_message(plan, p, "another-decision", digest, gram), attestation)
         assert not owner_key.verify(mean_message(plan, p + 1, key, digest, gram), attestation)
         assert not owner_key.verify(mean_message(plan, p, key, payload_digest(b"another mean"), gram), attestation)
-        other_gram = [[v * 2 for v in row] for row in gram]
+        other_gram = gram_text(products * 2)
         assert not owner_key.verify(mean_message(plan, p, key, digest, other_gram), attestation)

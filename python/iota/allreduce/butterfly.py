@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import numpy as np
 import torch
 from bittensor.sp_core import Keypair
 
@@ -42,7 +42,15 @@ from iota.allreduce.decision import Decision, HaveSet, MeanLost, RoundFailed, pr
 from iota.allreduce.errors import AllReduceError, GroupError, MeanLostError
 from iota.allreduce.faults import Faults
 from iota.allreduce.group import Part, RoundPlan
-from iota.allreduce.holder import ATTESTATION_BYTES, AttestedMean, HolderRound, Refusal, mean_message, stochastic_seed
+from iota.allreduce.holder import (
+    ATTESTATION_BYTES,
+    AttestedMean,
+    HolderRound,
+    Refusal,
+    gram_of_text,
+    mean_message,
+    stochastic_seed,
+)
 from iota.allreduce.result import AllReduceReport, AllReduceResult, ShardReport
 from iota.codec import Codec
 from iota.codec.tensors import huge_page_tensor
@@ -464,10 +472,10 @@ def _attested(reply: StreamReply, contributors: int) -> AttestedMean:
     if len(attestation) != ATTESTATION_BYTES:
         raise NetError(f"a mean came without its {ATTESTATION_BYTES}-byte attestation: {reply.extra!r}")
     gram = reply.extra.get("gram")
-    if not (isinstance(gram, list) and len(gram) == contributors
-            and all(isinstance(row, list) and len(row) == contributors for row in gram)
-            and all(type(v) is float and math.isfinite(v) for row in gram for v in row)):
-        raise NetError(f"a mean came without the {contributors}x{contributors} Gram matrix of its contributions")
+    try:
+        gram_of_text(gram, contributors)
+    except ValueError as exc:
+        raise NetError(f"a mean came without the Gram matrix of its {contributors} contributions: {exc}") from None
     return AttestedMean(reply.payload, reply.digest, gram, attestation)
 
 
@@ -478,6 +486,9 @@ def decode_checked(frame: Buffer, out: torch.Tensor) -> None:
 
 
 def summed_gram(means: list[AttestedMean], n: int) -> list[list[float]]:
-    """The parts' n x n Gram matrices summed, each entry exactly rounded (`math.fsum`), so
-    the sum is the same on every peer whatever order or machine."""
-    return [[math.fsum(m.gram[i][j] for m in means) for j in range(n)] for i in range(n)]
+    """The parts' n x n Gram matrices summed in part order: the same float64 additions,
+    so the same sum, on every peer."""
+    total = np.zeros((n, n))
+    for mean in means:
+        total += gram_of_text(mean.gram, n)
+    return total.tolist()

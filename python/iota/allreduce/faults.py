@@ -8,10 +8,13 @@ as a holder serves its means to some peers only.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from iota.codec import Codec
 from iota.net.answers import payload_digest
@@ -58,7 +61,8 @@ class Faults:
 
     def tamper_relay(self, mean: AttestedMean) -> AttestedMean:
         if self.corrupt_relays == "gram":
-            return replace(mean, gram=[[v + 1.0 for v in row] for row in mean.gram])
+            values = np.frombuffer(base64.b64decode(mean.gram), dtype="<f8") + 1.0
+            return replace(mean, gram=base64.b64encode(values.astype("<f8").tobytes()).decode())
         if self.corrupt_relays == "mean":
             values = Codec.decode(mean.frame)
             values[0] += 1.0

@@ -27,8 +27,9 @@ peers, or cut off from some): then if any peer completes, all can.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
-import json
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from iota._C import ByteBlock
@@ -97,12 +99,33 @@ def check_frame(frame: Buffer, part: Part, codec: Codec, digest: str | None = No
     return digest or payload_digest(frame)
 
 
-def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str, gram: list[list[float]]) -> bytes:
+def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str, gram: str) -> bytes:
     """What a holder signs for the mean of `part` it serves under a decision, given the
-    `payload_digest` of its frame and the contributions' Gram matrix of the part: bound
-    to the round (its id and plan) and to the decision, so it vouches for nothing else."""
-    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest, json.dumps(gram))
+    `payload_digest` of its frame and the contributions' Gram matrix of the part
+    (`gram_text`): bound to the round (its id and plan) and to the decision, so it vouches
+    for nothing else."""
+    fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest, gram)
     return MEAN_CONTEXT + "\n".join(fields).encode()
+
+
+def gram_text(products: torch.Tensor) -> str:
+    """A Gram matrix as it travels and is signed: base64 of its float64 values, little-endian,
+    row by row (8 n^2 bytes: an answer's meta holds a few hundred contributors' of them)."""
+    return base64.b64encode(products.double().contiguous().numpy().astype("<f8").tobytes()).decode()
+
+
+def gram_of_text(text: object, n: int) -> np.ndarray:
+    """The n x n float64 matrix `gram_text` wrote; ValueError unless `text` is one, all finite."""
+    try:
+        raw = base64.b64decode(text, validate=True)  # type: ignore[arg-type]
+    except (TypeError, binascii.Error):
+        raise ValueError(f"a Gram matrix is base64 text, not {str(text)[:40]!r}") from None
+    if len(raw) != 8 * n * n:
+        raise ValueError(f"a Gram matrix of {len(raw)} bytes, not of {n} x {n} float64 values")
+    values = np.frombuffer(raw, dtype="<f8")
+    if not np.isfinite(values).all():
+        raise ValueError("a Gram matrix with values that are not finite")
+    return values.reshape(n, n)
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,7 @@ class AttestedMean:
 
     frame: Buffer
     digest: str
-    gram: list[list[float]]
+    gram: str  # `gram_text`
     attestation: bytes
 
     def extra(self) -> dict[str, object]:
@@ -427,7 +450,7 @@ class HolderRound:
                 else:
                     frame, products = await self._reduce_part(p, decided)
                 digest = await asyncio.to_thread(payload_digest, frame)
-                gram = products.tolist()
+                gram = gram_text(products)
                 attestation = self.signer.sign(mean_message(self.plan, p, self.decision.key, digest, gram))
                 self.means[p] = AttestedMean(frame, digest, gram, attestation)
                 del self.frames[p]  # the inputs are no longer needed
