@@ -3,8 +3,9 @@
 4 peers as processes on 127.0.0.1, each with its own fp32 vector (64 Mi
 elements by default), average them: first with gloo's all_reduce (ring, no
 signing, no compression, no fault tolerance), then with iota.allreduce for
-each codec. Per codec: seconds per round (from the last peer joining to the
-last one finishing, as gloo is timed from a barrier; median over --repeats)
+each codec. Per codec: seconds per round (each round starts once every peer
+finished the one before, as gloo's start at a barrier; timed from the last
+peer joining to the last one finishing; median over --repeats)
 beside gloo's, the CPU seconds all peers spent in it (summed; beside
 seconds x cores this tells a CPU-bound round from a link-bound one), their
 minor page faults and context switches (summed), the slowest peer's seconds
@@ -176,7 +177,7 @@ def run_iota(
             # Namespaces share the filesystem: specs, addresses and results all go through `directory`.
             spec = {
                 "name": peer_name(i), "host": peer_host(i, lab), "chain": str(directory / "chain.json"),
-                "dir": str(directory), "wait": 120,
+                "dir": str(directory), "wait": 120, "barrier": [peer_name(j) for j in range(world)],
                 "rounds": [{**r, "seed": i, "weight": weight(i)} for r in rounds], "config": config,
             }
             path = directory / f"{peer_name(i)}.json"

@@ -41,13 +41,13 @@ from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet, MeanLost, RoundFailed, propose
 from iota.allreduce.errors import AllReduceError, GroupError, MeanLostError
 from iota.allreduce.faults import Faults
+from iota.allreduce.gram import gram_of_text
 from iota.allreduce.group import Part, RoundPlan
 from iota.allreduce.holder import (
     ATTESTATION_BYTES,
     AttestedMean,
     HolderRound,
     Refusal,
-    gram_of_text,
     mean_message,
     stochastic_seed,
 )

@@ -8,14 +8,12 @@ as a holder serves its means to some peers only.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from iota.allreduce.gram import gram_text, gram_values
 from iota.codec import Codec
 from iota.net.answers import payload_digest
 
@@ -61,8 +59,7 @@ class Faults:
 
     def tamper_relay(self, mean: AttestedMean) -> AttestedMean:
         if self.corrupt_relays == "gram":
-            values = np.frombuffer(base64.b64decode(mean.gram), dtype="<f8") + 1.0
-            return replace(mean, gram=base64.b64encode(values.astype("<f8").tobytes()).decode())
+            return replace(mean, gram=gram_text(gram_values(mean.gram) + 1.0))
         if self.corrupt_relays == "mean":
             values = Codec.decode(mean.frame)
             values[0] += 1.0

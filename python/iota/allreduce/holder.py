@@ -27,8 +27,6 @@ peers, or cut off from some): then if any peer completes, all can.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import logging
 import math
@@ -37,13 +35,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from iota._C import ByteBlock
 from iota.allreduce.config import AllReduceConfig
 from iota.allreduce.decision import Decision, HaveSet
 from iota.allreduce.faults import Faults
+from iota.allreduce.gram import gram_text
 from iota.allreduce.group import Part, RoundPlan
 from iota.codec import Codec
 from iota.errors import CodecError
@@ -106,26 +104,6 @@ def mean_message(plan: RoundPlan, part: int, decision_key: str, digest: str, gra
     for nothing else."""
     fields = (plan.group.round_id, plan.fingerprint, str(part), decision_key, digest, gram)
     return MEAN_CONTEXT + "\n".join(fields).encode()
-
-
-def gram_text(products: torch.Tensor) -> str:
-    """A Gram matrix as it travels and is signed: base64 of its float64 values, little-endian,
-    row by row (8 n^2 bytes: an answer's meta holds a few hundred contributors' of them)."""
-    return base64.b64encode(products.double().contiguous().numpy().astype("<f8").tobytes()).decode()
-
-
-def gram_of_text(text: object, n: int) -> np.ndarray:
-    """The n x n float64 matrix `gram_text` wrote; ValueError unless `text` is one, all finite."""
-    try:
-        raw = base64.b64decode(text, validate=True)  # type: ignore[arg-type]
-    except (TypeError, binascii.Error):
-        raise ValueError(f"a Gram matrix is base64 text, not {str(text)[:40]!r}") from None
-    if len(raw) != 8 * n * n:
-        raise ValueError(f"a Gram matrix of {len(raw)} bytes, not of {n} x {n} float64 values")
-    values = np.frombuffer(raw, dtype="<f8")
-    if not np.isfinite(values).all():
-        raise ValueError("a Gram matrix with values that are not finite")
-    return values.reshape(n, n)
 
 
 @dataclass(frozen=True)
@@ -450,7 +428,7 @@ class HolderRound:
                 else:
                     frame, products = await self._reduce_part(p, decided)
                 digest = await asyncio.to_thread(payload_digest, frame)
-                gram = gram_text(products)
+                gram = gram_text(products.numpy())
                 attestation = self.signer.sign(mean_message(self.plan, p, self.decision.key, digest, gram))
                 self.means[p] = AttestedMean(frame, digest, gram, attestation)
                 del self.frames[p]  # the inputs are no longer needed

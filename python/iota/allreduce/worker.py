@@ -15,6 +15,10 @@ CONFIG is JSON:
              synthetic_vector(numel, seed)
     config   AllReduceConfig fields (optional)
     faults   Faults fields (optional)
+    barrier  names of peers (optional): each round after the first starts only once
+             all of them wrote their line of the round before, as gloo's
+             benchmark rounds start at a barrier (without it a peer that
+             finished early starts sending while others still fetch means)
     save_means  if true, also write each mean as raw float32 to
              `{name}.{round_id}.f32` (tests compare it with the exact mean)
              and put its XXH64 in the result line
@@ -75,6 +79,21 @@ async def wait_for_file(path: Path, timeout: float) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+async def wait_for_round(directory: Path, names: list[str], round_id: str, timeout: float) -> None:
+    """Until each of `names` wrote its result line of `round_id`."""
+    deadline = time.monotonic() + timeout
+    waiting = list(names)
+    while waiting:
+        path = directory / f"{waiting[0]}.results.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        if any(json.loads(line).get("round_id") == round_id for line in lines):
+            waiting.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{waiting[0]} did not finish round {round_id} within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
 async def run(spec: dict[str, Any]) -> None:
     directory = Path(spec["dir"])
     name = spec["name"]
@@ -92,7 +111,9 @@ async def run(spec: dict[str, Any]) -> None:
         reports = {}
         vectors: dict[tuple[int, int], torch.Tensor] = {}
         means: dict[int, torch.Tensor] = {}  # one output buffer per length, reused round after round
-        for round_spec in spec["rounds"]:
+        for index, round_spec in enumerate(spec["rounds"]):
+            if index and spec.get("barrier"):
+                await wait_for_round(directory, spec["barrier"], spec["rounds"][index - 1]["round_id"], spec["wait"])
             group = Group(round_spec["round_id"], tuple(Member(**m) for m in members))
             key = (round_spec["numel"], round_spec["seed"])
             if key not in vectors:  # rounds often repeat a vector: make it once, keep only the last
