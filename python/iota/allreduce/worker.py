@@ -85,7 +85,8 @@ async def wait_for_round(directory: Path, names: list[str], round_id: str, timeo
     waiting = list(names)
     while waiting:
         path = directory / f"{waiting[0]}.results.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
+        # Only whole lines: the peer may be appending one right now.
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
         if any(json.loads(line).get("round_id") == round_id for line in lines):
             waiting.pop(0)
             continue
