@@ -45,6 +45,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
+POISONED_MERGE = "poisoned_merge"  # the verdict on an outlier
 NORM_RATIO = 3.0
 FAR_NORM_RATIO = 6.0
 MIN_COSINE = -0.3

@@ -33,7 +33,8 @@ from iota.net import NetError, PeerError, SignedClient
 from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
 from iota.validator.audit import Verdict, check, check_backward, stale_work
-from iota.validator.consensus import MergeVotes
+from iota.validator.consensus import POISONED_MERGE, MergeVotes
+from iota.validator.feeders import Feeders
 from iota.validator.replays import Replays
 from iota.validator.scoring import PathLoss, score_miners, weights_of
 
@@ -87,6 +88,8 @@ class Validator:
         self.replays = Replays()
         self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
         self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
+        self.flagged_work: set[str] = set()  # those flagged for what they computed, not for a merge contribution
+        self.feeders = Feeders()
         self.scratch: dict[int, StageWorker] = {}
         self.global_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.beat: dict[str, Any] = {}
@@ -203,6 +206,7 @@ class Validator:
         # miner whose output no longer depends on its input repeats frames honestly, so it is audited.
         audits: list[tuple[dict[str, Any], int, dict[str, Any] | None]] = []
         for row in rows:
+            self.feeders.record(row["path"], row["commits"])
             for hotkey, detail in stale_work(row["path"], row["commits"], row["versions"]).items():
                 if hotkey not in self.flagged:
                     await self.flag(hotkey, "stale_weights", {"sample": row["sample"], **detail})
@@ -292,6 +296,8 @@ class Validator:
 
     async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> None:
         self.flagged[hotkey] = time.monotonic()
+        if reason != POISONED_MERGE:
+            self.flagged_work.add(hotkey)
         log.warning("flagging miner %s: %s %s", hotkey, reason, detail)
         await self.orchestrator.flag(hotkey, reason, detail)
 
@@ -304,9 +310,19 @@ class Validator:
                 continue
             found = self.merge_votes.add(report["stage"], report["round"], report["reporter"],
                                          report["contributors"], report["gram"])
+            stage = report["stage"]
+            # The round trained from the stage's latest version, or the one before if its own is stored.
+            versions = (self.latest[stage] - 1, self.latest[stage])
             for hotkey, figures in found.items():
-                await self.flag(hotkey, "poisoned_merge", {"stage": report["stage"], "round": report["round"],
-                                                           **figures})
+                detail = {"stage": stage, "round": report["round"], **figures}
+                fed_by = self.feeders.of(stage, hotkey, versions) & self.flagged_work
+                if fed_by:
+                    log.warning("not flagging %s for merge round %s: its training was fed by %s, flagged: %s",
+                                hotkey, report["round"], sorted(fed_by), detail)
+                    continue
+                await self.flag(hotkey, POISONED_MERGE, detail)
+        for stage, version in enumerate(self.latest):
+            self.feeders.forget_before(stage, version - 1)
 
     async def scratch_worker(self, stage: int) -> StageWorker:
         if stage not in self.scratch:

@@ -1,0 +1,52 @@
+"""A merge outlier is flagged `poisoned_merge`, unless a miner flagged for its own work fed its
+training: a cheat's garbage can push an honest pseudo-gradient off (the replay adversary's swarm
+test flagged an honest stage-0 miner that way). Real orchestrator on loopback, real validator."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from iota.orchestrator.store import Store
+from iota.validator import Validator, ValidatorConfig
+from tests.orchestrator.test_service import HOTKEY, KEYS, TINY, Harness, address_of, make_chain, merge_address_of, run
+
+
+@pytest.mark.parametrize("feeder_flag", [None, "wrong_output", "poisoned_merge"])
+def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(tmp_path: Path, feeder_flag: str | None) -> None:
+    store = Store(tmp_path / "orchestrator.sqlite")
+    a, b, c = HOTKEY["miner-a"], HOTKEY["miner-b"], HOTKEY["miner-c"]
+
+    async def body(h: Harness) -> None:
+        for name, stage in (("miner-a", 0), ("miner-b", 1), ("miner-c", 0)):
+            await h.client(name).register(1e9, address_of(name), merge_address_of(name), stage=stage)
+        validator = Validator(KEYS["validator"], h.url, HOTKEY["orchestrator"], make_chain(),
+                              ValidatorConfig(audit_rate=0.0))
+        validator.client, validator.orchestrator = h.signed("validator"), h.client("validator")
+        validator.recipe, validator.latest = TINY, [0, 0]
+        await validator.orchestrator.register(0.0)
+        await h.train_samples(1)  # miner-a's training at stage 0 was fed by miner-b, from version 0
+        await validator.audit_new_work()
+        if feeder_flag is not None:
+            await validator.flag(b, feeder_flag, {})
+        # Both stage-0 members report a round in which miner-a's contribution is 10x miner-c's, orthogonal.
+        contributors = dict.fromkeys(sorted((a, c)), 1.0)  # a Gram matrix is in sorted hotkey order
+        gram = [[(100.0 if h == a else 1.0) if h == i else 0.0 for h in contributors] for i in contributors]
+        round_ = store.stage(0).round
+        for name in ("miner-a", "miner-c"):
+            await h.client(name).merged(0, round_, hashlib.sha256(b"").hexdigest(), contributors, gram)
+        await validator.check_merges()
+        flags = [(f["hotkey"], f["reason"]) for f in h.orchestrator.state()["flags"]]
+        feeder = [] if feeder_flag is None else [(b, feeder_flag)]
+        if feeder_flag == "wrong_output":
+            assert flags == feeder  # spared: what it trained on was the cheat's
+            assert validator.merge_votes.judged == {(0, round_, a)}  # judged, not flagged
+        else:
+            assert flags == [*feeder, (a, "poisoned_merge")]
+
+    try:
+        run(store, body)
+    finally:
+        store.close()
