@@ -14,8 +14,15 @@ from iota.validator import Validator, ValidatorConfig
 from tests.orchestrator.test_service import HOTKEY, KEYS, TINY, Harness, address_of, make_chain, merge_address_of, run
 
 
-@pytest.mark.parametrize("feeder_flag", [None, "wrong_output", "poisoned_merge"])
-def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(tmp_path: Path, feeder_flag: str | None) -> None:
+@pytest.mark.parametrize(("feeder_flag", "latest", "spared"), [
+    (None, 0, False),
+    ("wrong_output", 0, True),
+    ("wrong_output", 1, True),  # the round's own version may be stored already
+    ("wrong_output", 2, False),  # fed two merges ago: this round trained from clean merged weights
+    ("poisoned_merge", 0, False),  # a merge contribution feeds nobody's training directly
+])
+def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
+        tmp_path: Path, feeder_flag: str | None, latest: int, spared: bool) -> None:
     store = Store(tmp_path / "orchestrator.sqlite")
     a, b, c = HOTKEY["miner-a"], HOTKEY["miner-b"], HOTKEY["miner-c"]
 
@@ -25,7 +32,7 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(tmp_path:
         validator = Validator(KEYS["validator"], h.url, HOTKEY["orchestrator"], make_chain(),
                               ValidatorConfig(audit_rate=0.0))
         validator.client, validator.orchestrator = h.signed("validator"), h.client("validator")
-        validator.recipe, validator.latest = TINY, [0, 0]
+        validator.recipe, validator.latest = TINY, [latest, 0]
         await validator.orchestrator.register(0.0)
         await h.train_samples(1)  # miner-a's training at stage 0 was fed by miner-b, from version 0
         await validator.audit_new_work()
@@ -40,11 +47,13 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(tmp_path:
         await validator.check_merges()
         flags = [(f["hotkey"], f["reason"]) for f in h.orchestrator.state()["flags"]]
         feeder = [] if feeder_flag is None else [(b, feeder_flag)]
-        if feeder_flag == "wrong_output":
+        if spared:
             assert flags == feeder  # spared: what it trained on was the cheat's
             assert validator.merge_votes.judged == {(0, round_, a)}  # judged, not flagged
         else:
             assert flags == [*feeder, (a, "poisoned_merge")]
+        # What fed training from versions no merge is judged on any more is forgotten.
+        assert {v for (_, _, v) in validator.feeders.fed} == ({0} if latest <= 1 else set())
 
     try:
         run(store, body)
