@@ -87,8 +87,7 @@ class Validator:
         self.merge_votes = MergeVotes()
         self.replays = Replays()
         self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
-        self.flagged: dict[str, float] = {}  # miner hotkey -> when we flagged it
-        self.flagged_work: set[str] = set()  # those flagged for what they computed, not for a merge contribution
+        self.flagged: dict[str, str] = {}  # miner hotkey -> why we flagged it
         self.feeders = Feeders()
         self.scratch: dict[int, StageWorker] = {}
         self.global_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -295,9 +294,7 @@ class Validator:
         await self.flag(hotkey, verdict.reason, verdict.detail)
 
     async def flag(self, hotkey: str, reason: str, detail: dict[str, Any]) -> None:
-        self.flagged[hotkey] = time.monotonic()
-        if reason != POISONED_MERGE:
-            self.flagged_work.add(hotkey)
+        self.flagged[hotkey] = reason
         log.warning("flagging miner %s: %s %s", hotkey, reason, detail)
         await self.orchestrator.flag(hotkey, reason, detail)
 
@@ -315,7 +312,9 @@ class Validator:
             versions = (self.latest[stage] - 1, self.latest[stage])
             for hotkey, figures in found.items():
                 detail = {"stage": stage, "round": report["round"], **figures}
-                fed_by = self.feeders.of(stage, hotkey, versions) & self.flagged_work
+                # Flagged for what they computed: a merge contribution feeds nobody's training directly.
+                fed_by = {h for h in self.feeders.of(stage, hotkey, versions)
+                          if self.flagged.get(h, POISONED_MERGE) != POISONED_MERGE}
                 if fed_by:
                     log.warning("not flagging %s for merge round %s: its training was fed by %s, flagged: %s",
                                 hotkey, report["round"], sorted(fed_by), detail)
