@@ -15,6 +15,7 @@ import torch
 
 from iota.allreduce import (
     AllReduceConfig,
+    AllReduceError,
     AllReducePeer,
     Group,
     GroupError,
@@ -23,6 +24,8 @@ from iota.allreduce import (
     RoundPlan,
     diloco_round,
 )
+from iota.allreduce.decision import Decision
+from iota.allreduce.holder import HolderRound
 from iota.chain import LocalChain, dev_keypair
 from iota.codec import Codec
 from iota.net import PeerError, SignedClient, StreamClient
@@ -239,6 +242,40 @@ def test_a_vector_with_nan_fails_its_peer_as_it_is_encoded_and_the_others_comple
     exact = (xs[0].double() + xs[2].double()) / 2
     bound = (max(xs[0].abs().max(), xs[2].abs().max()) + exact.abs().max()) / 127
     assert (first.mean.double() - exact).abs().max() <= bound
+
+
+def test_a_later_register_holding_another_decision_fails_the_round_on_every_peer(monkeypatch):
+    # Peers that saw different holders alive can write different decisions. Here the last
+    # register takes a different one (every weight doubled) from whoever writes to it first;
+    # the first register holds the true one. Peers gather while they spread the decision to
+    # the later registers: no peer may complete with a mean the registers disagree on.
+    record = HolderRound.record
+    forged: set[int] = set()
+
+    def diverging_record(holder, proposal):
+        if holder.me == holder.plan.active_holders[-1] and id(holder) not in forged:
+            forged.add(id(holder))
+            doubled = {sender: 2 * weight for sender, weight in proposal.contributors.items()}
+            proposal = Decision(doubled, proposal.digests, proposal.excluded)
+        return record(holder, proposal)
+
+    monkeypatch.setattr(HolderRound, "record", diverging_record)
+
+    async def main():
+        async with local_peers(4) as peers:
+            group = group_of(peers, "split")
+            codec = Codec.from_string("int8/b64")
+            return await asyncio.gather(
+                *(p.allreduce(group, x, 1.0, codec) for p, x in zip(peers, vectors(4, 100_000))),
+                return_exceptions=True,
+            )
+
+    outcomes = asyncio.run(main())
+    assert len(forged) == 1
+    assert all(isinstance(o, AllReduceError) for o in outcomes), outcomes
+    for outcome in outcomes:
+        assert "different decisions" in str(outcome) or "DecisionMismatch" in str(outcome), outcome
+        assert outcome.report.error is not None
 
 
 def test_outer_nesterov_is_torch_sgd_nesterov():

@@ -127,9 +127,11 @@ class ButterflyRound:
         try:
             await self.scatter()
             lap("scatter")
-            self.decision = await self.decide()
+            self.decision, later = await self.decide()
             lap("decide")
-            mean, means = await self.gather(self.decision)
+            # Holders serve a mean only under the decision their own register holds, so
+            # the gather need not wait for the later registers: a split fails it, or the spread.
+            (mean, means), _ = await run_all([self.gather(self.decision), self.spread(self.decision, later)])
             self.gram = summed_gram(means, len(self.decision.contributors))
             lap("gather")
         except RoundFailed as exc:
@@ -243,7 +245,8 @@ class ButterflyRound:
 
     # -- 2. decide -------------------------------------------------------------------
 
-    async def decide(self) -> Decision:
+    async def decide(self) -> tuple[Decision, list[str]]:
+        """The round's decision, as the first live register holds it, and the registers after that one."""
         # A holder we could not deliver to (dead, or it joined too late) has an
         # incomplete have-set at best; waiting for it would only delay the round.
         holders = [h for h in self.plan.active_holders if h not in self.unreachable]
@@ -269,13 +272,16 @@ class ButterflyRound:
                 break
         else:
             raise RoundFailed(f"no holder could record the decision: {self.unreachable}")
+        return decision, registers
+
+    async def spread(self, decision: Decision, registers: list[str]) -> None:
+        """Write the decision to the `registers` all at once; RoundFailed if one holds another."""
         for holder, stored in zip(registers, await run_all(self._record(h, decision) for h in registers)):
             if stored is not None and stored.key != decision.key:
                 raise RoundFailed(
                     f"holders recorded different decisions ({decision.key} and {stored.key} at {holder}): "
                     "peers saw different holders alive; the round cannot complete consistently"
                 )
-        return decision
 
     def _orphans(self, holder: str) -> list[int]:
         """The shards `holder` backs up whose owner we cannot reach."""
