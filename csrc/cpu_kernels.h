@@ -55,6 +55,16 @@ static void load_f32(const void* src, uint8_t dt, int64_t n, float* __restrict d
   }
 }
 
+// The dtype a float kind's codes are in: raw keeps the input's, the others name theirs.
+static inline uint8_t float_wire(uint8_t kind, uint8_t dtype) {
+  return kind == KIND_RAW ? dtype : (uint8_t)(kind - KIND_F32);
+}
+
+// `p` as fp32 values when they are fp32 and aligned as floats, else nullptr (then copy with load_f32).
+static inline const float* as_f32(const void* p, uint8_t dt) {
+  return dt == DT_F32 && reinterpret_cast<uintptr_t>(p) % alignof(float) == 0 ? static_cast<const float*>(p) : nullptr;
+}
+
 static void store_from_f32(const float* __restrict src, int64_t n, uint8_t dt, void* dst) {
   if (dt == DT_F32) {
     memcpy(dst, src, n * 4);
@@ -274,7 +284,7 @@ static Status encode_int_scheme(const EncodeJob& job, int64_t b0, int64_t b1) {
 static Status encode_float_range(const EncodeJob& job, int64_t e0, int64_t e1) {
   alignas(64) float tmp[kMaxBlock];
   const size_t esize = job.dtype == DT_F32 ? 4 : 2;
-  const uint8_t wire = job.kind == KIND_RAW ? job.dtype : (uint8_t)(job.kind - KIND_F32);
+  const uint8_t wire = float_wire(job.kind, job.dtype);
   const size_t wsize = wire == DT_F32 ? 4 : 2;
   const bool check = !(job.flags & FLAG_NONFINITE_OK);
   for (int64_t e = e0; e < e1; e += kMaxBlock) {
@@ -285,10 +295,14 @@ static Status encode_float_range(const EncodeJob& job, int64_t e0, int64_t e1) {
       memcpy(dst, src, n * esize);
       continue;
     }
-    load_f32(src, job.dtype, n, tmp);
-    if (check && has_nonfinite(tmp, n)) return STATUS_NONFINITE;
+    const float* x = as_f32(src, job.dtype);  // fp32 input is checked in place, not copied first
+    if (x == nullptr) {
+      load_f32(src, job.dtype, n, tmp);
+      x = tmp;
+    }
+    if (check && has_nonfinite(x, n)) return STATUS_NONFINITE;
     if (wire == job.dtype) memcpy(dst, src, n * esize);  // raw bytes, NaN payloads included
-    else store_from_f32(tmp, n, wire, dst);
+    else store_from_f32(x, n, wire, dst);
   }
   return STATUS_OK;
 }
@@ -341,7 +355,7 @@ static void decode_int_scheme(const DecodeJob& job, int64_t b0, int64_t b1) {
 
 static void decode_float_range(const DecodeJob& job, int64_t e0, int64_t e1) {
   alignas(64) float tmp[kMaxBlock];
-  const uint8_t wire = job.kind == KIND_RAW ? job.dtype : (uint8_t)(job.kind - KIND_F32);
+  const uint8_t wire = float_wire(job.kind, job.dtype);
   const size_t wsize = wire == DT_F32 ? 4 : 2;
   for (int64_t e = e0; e < e1; e += kMaxBlock) {
     const int64_t n = std::min<int64_t>(kMaxBlock, e1 - e);
@@ -350,8 +364,12 @@ static void decode_float_range(const DecodeJob& job, int64_t e0, int64_t e1) {
       memcpy((uint8_t*)job.out + (e - job.origin) * wsize, src, n * wsize);
       continue;
     }
-    load_f32(src, wire, n, tmp);
-    emit(job, e, n, tmp);
+    const float* v = as_f32(src, wire);
+    if (v == nullptr) {
+      load_f32(src, wire, n, tmp);
+      v = tmp;
+    }
+    emit(job, e, n, v);
   }
 }
 
@@ -387,25 +405,30 @@ static void reduce_range(const ReduceJob& job, int64_t r0, int64_t r1, double* g
   const int64_t window = std::max<int64_t>(1, kMaxBlock / unit);
   const int k = job.k;
   std::vector<float> window_values((size_t)k * kMaxBlock);
-  float* values = window_values.data();
+  std::vector<const float*> decoded(k);  // each input's window: in place if its frame holds fp32, else decoded
   for (int64_t u0 = r0; u0 < r1; u0 += window) {
     const int64_t u1 = std::min(r1, u0 + window);
     const int64_t start = u0 * unit, n = std::min(first.numel, u1 * unit) - start;
     for (int i = 0; i < k; i++) {
-      DecodeJob in = job.inputs[i];
-      in.acc = nullptr;
-      in.out = values + (size_t)i * kMaxBlock;
-      in.out_dtype = DT_F32;
-      in.origin = start;
-      decode_range(in, u0, u1);
-      const float* __restrict v = values + (size_t)i * kMaxBlock;
+      const DecodeJob& in = job.inputs[i];
+      const bool f32_codes = in.kind != KIND_INT && float_wire(in.kind, in.dtype) == DT_F32;
+      const float* v = f32_codes ? as_f32(in.codes + start * 4, DT_F32) : nullptr;
+      if (v == nullptr) {
+        DecodeJob into = in;
+        into.acc = nullptr;
+        into.out = window_values.data() + (size_t)i * kMaxBlock;
+        into.out_dtype = DT_F32;
+        into.origin = start;
+        decode_range(into, u0, u1);
+        v = window_values.data() + (size_t)i * kMaxBlock;
+      }
+      decoded[i] = v;
       float* __restrict a = job.acc + start;
       const float w = job.weights[i];
       for (int64_t j = 0; j < n; j++) a[j] = a[j] + w * v[j];  // as emit() does
     }
     for (int i = 0; i < k; i++)
-      for (int j = i; j < k; j++)
-        gram[i * k + j] += dot(values + (size_t)i * kMaxBlock, values + (size_t)j * kMaxBlock, n);
+      for (int j = i; j < k; j++) gram[i * k + j] += dot(decoded[i], decoded[j], n);
   }
 }
 
