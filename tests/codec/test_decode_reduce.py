@@ -100,3 +100,24 @@ def test_verify_false_skips_only_the_checksum():
     assert acc.numpy().tobytes() == expected.numpy().tobytes() and torch.equal(gram, reference)
     with pytest.raises(CodecError, match="not encoded like frame 0"):  # the structure is still checked
         Codec.decode_reduce([frames[0], frames_of("int8/b64", 999, 1)[0]], [0.5, 0.5], acc, verify=False)
+
+
+@pytest.mark.parametrize("spec", ["raw", "fp32"])
+def test_fp32_codes_read_in_place_or_from_an_unaligned_buffer_give_the_same_bits(spec):
+    # Aligned fp32 codes are reduced where they lie; a frame at an odd address is copied
+    # first. Both must give the bytes of decode_accumulate.
+    frames = frames_of(spec, 5 * 4096 + 77, 3)
+    unaligned = []
+    for frame in frames:
+        holder = bytearray(len(frame) + 1)
+        holder[1:] = frame
+        unaligned.append(memoryview(holder)[1:])
+    weights = [0.5, -0.25, 1.0 / 3]
+    sums, grams = [], []
+    for inputs in (frames, unaligned):
+        acc = torch.zeros(5 * 4096 + 77)
+        grams.append(Codec.decode_reduce(inputs, weights, acc).numpy().tobytes())
+        sums.append(acc.numpy().tobytes())
+    want = sequential(frames, weights, torch.zeros(5 * 4096 + 77))
+    assert sums[0] == sums[1] == want.numpy().tobytes()
+    assert grams[0] == grams[1]
