@@ -14,15 +14,17 @@ from iota.validator import Validator, ValidatorConfig
 from tests.orchestrator.test_service import HOTKEY, KEYS, TINY, Harness, address_of, make_chain, merge_address_of, run
 
 
-@pytest.mark.parametrize(("feeder_flag", "latest", "spared"), [
-    (None, 0, False),
-    ("wrong_output", 0, True),
-    ("wrong_output", 1, True),  # the round's own version may be stored already
-    ("wrong_output", 2, False),  # fed two merges ago: this round trained from clean merged weights
-    ("poisoned_merge", 0, False),  # a merge contribution feeds nobody's training directly
+@pytest.mark.parametrize(("feeder_flag", "merges_before", "merged_since", "spared"), [
+    (None, 0, 0, False),
+    ("wrong_output", 0, 0, True),
+    ("wrong_output", 0, 2, True),  # read two merges late: the round's own base counts, not the newest version
+    ("wrong_output", 1, 0, True),  # a member may train from the version before the round's base
+    ("wrong_output", 2, 0, False),  # fed two merges ago: this round trained from clean merged weights
+    ("poisoned_merge", 0, 0, False),  # a merge contribution feeds nobody's training directly
 ])
 def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
-        tmp_path: Path, feeder_flag: str | None, latest: int, spared: bool) -> None:
+        tmp_path: Path, feeder_flag: str | None, merges_before: int, merged_since: int,
+        spared: bool) -> None:
     store = Store(tmp_path / "orchestrator.sqlite")
     a, b, c = HOTKEY["miner-a"], HOTKEY["miner-b"], HOTKEY["miner-c"]
 
@@ -32,7 +34,7 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
         validator = Validator(KEYS["validator"], h.url, HOTKEY["orchestrator"], make_chain(),
                               ValidatorConfig(audit_rate=0.0))
         validator.client, validator.orchestrator = h.signed("validator"), h.client("validator")
-        validator.recipe, validator.latest = TINY, [latest, 0]
+        validator.recipe, validator.latest = TINY, [merges_before + merged_since, 0]
         await validator.orchestrator.register(0.0)
         await h.train_samples(1)  # miner-a's training at stage 0 was fed by miner-b, from version 0
         await validator.audit_new_work()
@@ -41,7 +43,11 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
         # Both stage-0 members report a round in which miner-a's contribution is 10x miner-c's, orthogonal.
         contributors = dict.fromkeys(sorted((a, c)), 1.0)  # a Gram matrix is in sorted hotkey order
         gram = [[(100.0 if h == a else 1.0) if h == i else 0.0 for h in contributors] for i in contributors]
-        round_ = store.stage(0).round
+        # The reported round trained from the version `merges_before` earlier rounds left.
+        round_ = store.stage(0).round + merges_before
+        # `merged_since` later rounds (this one included) were stored before the validator reads the reports.
+        for earlier in range(store.stage(0).round, round_ + merged_since):
+            store.add_version(0, earlier, hashlib.sha256(b"").hexdigest(), b"", [a, c])
         for name in ("miner-a", "miner-c"):
             await h.client(name).merged(0, round_, hashlib.sha256(b"").hexdigest(), contributors, gram)
         await validator.check_merges()
@@ -53,7 +59,7 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
         else:
             assert flags == [*feeder, (a, "poisoned_merge")]
         # What fed training from versions no merge is judged on any more is forgotten.
-        assert {v for (s, _, v) in validator.feeders.fed if s == 0} == ({0} if latest <= 1 else set())
+        assert {v for (s, _, v) in validator.feeders.fed if s == 0} == ({0} if merges_before <= 1 else set())
 
     try:
         run(store, body)

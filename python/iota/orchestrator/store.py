@@ -325,10 +325,15 @@ class Store:
                        (s, round_, hotkey, json.dumps(contributors), json.dumps(gram), time.time()))
 
     def merge_reports(self, since: int, limit: int = 500) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT rowid, * FROM merge_reports WHERE rowid>? ORDER BY rowid LIMIT ?",
-                               (since, limit))
+        """Reports after row `since`, each with the version its round trained from (`base_version`:
+        the stage's newest version stored before that round)."""
+        rows = self.db.execute(
+            "SELECT r.rowid, r.*, (SELECT MAX(v.version) FROM versions v WHERE v.stage = r.stage"
+            " AND (v.round IS NULL OR v.round < r.round)) AS base_version"
+            " FROM merge_reports r WHERE r.rowid>? ORDER BY r.rowid LIMIT ?", (since, limit))
         return [{"row": r["rowid"], "stage": r["stage"], "round": r["round"], "reporter": r["hotkey"],
-                 "contributors": json.loads(r["contributors"]), "gram": json.loads(r["gram"])} for r in rows]
+                 "base_version": r["base_version"], "contributors": json.loads(r["contributors"]),
+                 "gram": json.loads(r["gram"])} for r in rows]
 
     def merges(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM merges ORDER BY at")]

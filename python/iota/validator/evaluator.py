@@ -307,9 +307,10 @@ class Validator:
                 continue
             found = self.merge_votes.add(report["stage"], report["round"], report["reporter"],
                                          report["contributors"], report["gram"])
-            stage = report["stage"]
-            # The round trained from the stage's latest version, or the one before if its own is stored.
-            versions = (self.latest[stage] - 1, self.latest[stage])
+            stage, base = report["stage"], report["base_version"]
+            # Its members trained from the round's base version, or the one before if they lagged.
+            # Judged by the round's own base, not our latest: a validator behind on reports still spares.
+            versions = (base - 1, base)
             for hotkey, figures in found.items():
                 detail = {"stage": stage, "round": report["round"], **figures}
                 # Flagged for what they computed: a merge contribution feeds nobody's training directly.
@@ -320,8 +321,8 @@ class Validator:
                                 hotkey, report["round"], sorted(fed_by), detail)
                     continue
                 await self.flag(hotkey, POISONED_MERGE, detail)
-        for stage, version in enumerate(self.latest):
-            self.feeders.forget_before(stage, version - 1)
+            # Reports come in round order: the ones after this are judged on training from base - 1 on.
+            self.feeders.forget_before(stage, base - 1)
 
     async def scratch_worker(self, stage: int) -> StageWorker:
         if stage not in self.scratch:
