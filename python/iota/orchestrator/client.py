@@ -53,7 +53,8 @@ class OrchestratorClient:
                                             "contributors": contributors, "gram": gram})
 
     async def merge_reports(self, since: int) -> list[dict[str, Any]]:
-        """Merge reports recorded after row `since`: contributors, their Gram matrix, and the version the round trained from."""
+        """Merge reports recorded after row `since`: contributors, their Gram matrix, and the
+        version the round trained from."""
         reply = await self.client.get_json(self.address, f"/merge-reports?since={since}", receiver=self.hotkey,
                                            timeout=self.timeout)
         return reply["reports"]
