@@ -19,7 +19,13 @@ end. Every line says its "link": RATE, or "loopback" without --netlab, and for
 a RATE in bit/kbit/mbit/gbit its "wire_seconds": how long the bytes a peer sends
 (or receives, if more) take at RATE alone, the bound no round can beat.
 
-    python bench/allreduce.py [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64] [--netlab RATE]
+With --authenticated-floor, gloo runs once more with each rank BLAKE3-hashing,
+in a thread beside its all_reduce, as many bytes as a butterfly peer hashes to
+authenticate a round (its parts sent and received, its mean, the means it
+receives): what signing every byte adds to gloo at the least, so the floor
+for any signed uncompressed round on this machine ("gloo+blake3").
+
+    python bench/allreduce.py [--authenticated-floor] [--elements N] [--repeats R] [--codecs raw fp16 int8/b64 int4/b64] [--netlab RATE]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -45,6 +52,7 @@ from iota.allreduce import AllReduceConfig
 from iota.allreduce.worker import synthetic_vector
 from iota.chain import LocalChain, dev_keypair
 from iota.codec import Codec
+from iota.net.answers import payload_digest
 
 # The team's netlab tool sits in shared/ beside the checkout; IOTA_NETLAB points elsewhere.
 NETLAB = Path(os.environ.get("IOTA_NETLAB", Path(__file__).resolve().parents[2] / "shared" / "tools" / "netlab"))
@@ -114,33 +122,65 @@ def netlab(hosts: int, rate: str) -> Iterator[None]:
         subprocess.run([str(NETLAB), "down", LAB], check=True)
 
 
-def gloo_rank(rank: int, world: int, host: str, port: int, numel: int, repeats: int, out: str) -> None:
-    """One gloo process: the weighted sum by all_reduce, then the division, timed per round."""
+def gloo_rank(
+    rank: int, world: int, host: str, port: int, numel: int, repeats: int, out: str, hash_wire: bool
+) -> None:
+    """One gloo process: the weighted sum by all_reduce, then the division; seconds and CPU seconds per round.
+
+    With hash_wire a thread BLAKE3-hashes, beside each all_reduce, as many bytes in parts as a
+    butterfly peer must hash to authenticate its round (`authenticated_bytes`): the least an
+    all-reduce that signs every byte can add to gloo's CPU.
+    """
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world)
     try:
         source = synthetic_vector(numel, rank) * weight(rank)
         total = sum(weight(i) for i in range(world))
-        times = []
+        parts = hashed_parts(memoryview(source.numpy()).cast("B"), authenticated_bytes(4 * numel, world))
+        times, cpu = [], []
         for _ in range(repeats + 1):  # the first round warms up connections and pages
             x = source.clone()
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            hashing = threading.Thread(target=lambda: [payload_digest(p) for p in parts]) if hash_wire else None
+            if hashing is not None:
+                hashing.start()
             dist.all_reduce(x)
             x /= total
+            if hashing is not None:
+                hashing.join()
             times.append(time.perf_counter() - start)
-        Path(out).write_text(json.dumps(times[1:]))
+            cpu.append(time.process_time() - start_cpu)
+        Path(out).write_text(json.dumps({"seconds": times[1:], "cpu_seconds": cpu[1:]}))
     finally:
         dist.destroy_process_group()
 
 
-def run_gloo(world: int, numel: int, repeats: int, directory: Path, lab: bool) -> list[float]:
+def authenticated_bytes(frame_bytes: int, world: int) -> int:
+    """Bytes one butterfly peer BLAKE3-hashes per round: the parts it sends and receives
+    ((N-1)/N of a frame each way), its shard's mean once, and the means it receives."""
+    return frame_bytes * (2 * (world - 1) + 1 + (world - 1)) // world
+
+
+def hashed_parts(frame: memoryview, nbytes: int, part_bytes: int = 4 * 2**20) -> list[memoryview]:
+    """`nbytes` of `frame` (round and round) as parts of at most part_bytes, as the streams hash them."""
+    parts, offset = [], 0
+    while nbytes > 0:
+        size = min(part_bytes, nbytes, len(frame) - offset)
+        parts.append(frame[offset:offset + size])
+        offset, nbytes = (offset + size) % len(frame), nbytes - size
+    return parts
+
+
+def run_gloo(world: int, numel: int, repeats: int, directory: Path, lab: bool, hash_wire: bool) -> dict:
+    """gloo's rounds (a round ends when its slowest rank does) and their CPU seconds, summed over ranks."""
     port = free_port()  # free on this machine, and in a fresh netlab host too
     outs = [directory / f"gloo-{r}.json" for r in range(world)]
     procs = [
         start_peer(
             r,
             [sys.executable, __file__, "--gloo-rank", str(r), "--world", str(world), "--host", peer_host(0, lab),
-             "--port", str(port), "--elements", str(numel), "--repeats", str(repeats), "--out", str(outs[r])],
+             "--port", str(port), "--elements", str(numel), "--repeats", str(repeats), "--out", str(outs[r]),
+             *(["--hash-wire"] if hash_wire else [])],
             lab,
             # Gloo picks its interface from the hostname, which resolves to 127.0.0.1; ranks in other
             # namespaces cannot reach that, so name the host's link.
@@ -158,7 +198,10 @@ def run_gloo(world: int, numel: int, repeats: int, directory: Path, lab: bool) -
                 p.kill()
                 p.wait()
     per_rank = [json.loads(o.read_text()) for o in outs]
-    return [max(ts) for ts in zip(*per_rank)]  # a round ends when its slowest rank does
+    return {
+        "rounds": [max(ts) for ts in zip(*(r["seconds"] for r in per_rank))],
+        "cpu_seconds_all_ranks": statistics.median(sum(cs) for cs in zip(*(r["cpu_seconds"] for r in per_rank))),
+    }
 
 
 def run_iota(
@@ -219,15 +262,19 @@ def main() -> None:
     parser.add_argument("--max-inflight", type=int, default=defaults.max_inflight)
     parser.add_argument("--workdir", help="keep the peers' configs and result lines here (default: a temporary dir)")
     parser.add_argument("--netlab", metavar="RATE", help="run each peer in its own netlab host, links shaped to RATE")
+    parser.add_argument("--authenticated-floor", action="store_true",
+                        help="also run gloo with each rank hashing what a signing peer must: the floor for uncompressed")
     # Internal: one gloo rank (the script runs itself for each).
     parser.add_argument("--gloo-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--hash-wire", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gloo_rank is not None:
-        gloo_rank(args.gloo_rank, args.world, args.host, args.port, args.elements, args.repeats, args.out)
+        gloo_rank(args.gloo_rank, args.world, args.host, args.port, args.elements, args.repeats, args.out,
+                  args.hash_wire)
         return
     lab = args.netlab is not None
     if lab:
@@ -249,11 +296,16 @@ def main() -> None:
     ):
         directory = Path(args.workdir or tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        gloo = run_gloo(world, n, args.repeats, directory, lab)
-        gloo_seconds = statistics.median(gloo)
-        print(json.dumps({"bench": "gloo", "link": link, "seconds": gloo_seconds, "rounds": gloo,
+        gloo = run_gloo(world, n, args.repeats, directory, lab, hash_wire=False)
+        gloo_seconds = statistics.median(gloo["rounds"])
+        print(json.dumps({"bench": "gloo", "link": link, "seconds": gloo_seconds, **gloo,
                           "bytes_per_peer_ring": optimal, "wire_seconds": wire_seconds(optimal, bits_per_second)}),
               flush=True)
+        if args.authenticated_floor:
+            floor = run_gloo(world, n, args.repeats, directory, lab, hash_wire=True)
+            print(json.dumps({"bench": "gloo+blake3", "link": link, "seconds": statistics.median(floor["rounds"]),
+                              **floor, "hashed_bytes_per_peer": authenticated_bytes(fp32_bytes, world),
+                              "time_vs_gloo": statistics.median(floor["rounds"]) / gloo_seconds}), flush=True)
         lines = run_iota(world, n, args.repeats, args.codecs, config, directory, lab)
     for c, codec in enumerate(args.codecs):
         round_ids = [f"c{c}-r{r}" for r in range(1, args.repeats + 1)]
