@@ -57,6 +57,9 @@ def test_triton_decodes_the_same_values_as_cpu(spec, out_dtype):
     assert torch.equal(acc_cpu, acc_triton)
 
 
+# The interpreter casts the overflowing fp16 scale with numpy, which warns before the kernel
+# reports the overflow that this test expects.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_triton_errors_match_cpu():
     x = torch.ones(100)
     x[7] = float("nan")
