@@ -346,7 +346,8 @@ class HolderRound:
                 break
             self._arrival.clear()
             try:
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._arrival.wait()
             except asyncio.TimeoutError:
                 pass
         self.close()
@@ -372,7 +373,8 @@ class HolderRound:
         if any(shard not in self.shards for shard in full):
             raise Refusal(404, "NotHeld", f"{self.me} holds no shard {full} of round {self.plan.group.round_id}")
         try:
-            await asyncio.wait_for(self._closed.wait(), self.config.wait_bound(self.plan.expected_bytes(self.me)))
+            async with asyncio.timeout(self.config.wait_bound(self.plan.expected_bytes(self.me))):
+                await self._closed.wait()
         except asyncio.TimeoutError:
             raise Refusal(503, "NotClosed", f"{self.me} has not closed round {self.plan.group.round_id}") from None
         assert self.have is not None
@@ -467,7 +469,8 @@ class HolderRound:
         owner = self.plan.members[self.plan.parts[part].shard]
         bound = self.config.wait_bound(self.plan.shard_bytes(owner) * self.plan.size)
         try:
-            await asyncio.wait_for(self._tried[part].wait(), bound)
+            async with asyncio.timeout(bound):
+                await self._tried[part].wait()
         except asyncio.TimeoutError:
             raise Refusal(409, "NotReady", f"{self.me} has no mean of part {part} to hand on yet") from None
         if part not in self.relayable:
@@ -482,7 +485,8 @@ class HolderRound:
         bound = self.config.wait_bound(self.plan.shard_bytes(self.me) * self.plan.size)
         not_ready = Refusal(409, "NotReady", f"{self.me} has no decision or mean for parts {parts} yet")
         try:
-            await asyncio.wait_for(self._decided.wait(), bound)
+            async with asyncio.timeout(bound):
+                await self._decided.wait()
         except asyncio.TimeoutError:
             raise not_ready from None
         assert self.decision is not None
@@ -496,7 +500,8 @@ class HolderRound:
         self._start_reducing(shard)
         try:
             for part in parts:
-                await asyncio.wait_for(self._ready[part].wait(), bound)
+                async with asyncio.timeout(bound):
+                    await self._ready[part].wait()
         except asyncio.TimeoutError:
             raise not_ready from None
         if shard in self.unservable:
@@ -517,7 +522,8 @@ class HolderRound:
         handled = self.plan.expected_bytes(self.me) + self.plan.shard_bytes(self.me) * self.plan.size
         bound = self.config.wait_bound(handled)
         try:
-            await asyncio.wait_for(self._all_done.wait(), bound)
+            async with asyncio.timeout(bound):
+                await self._all_done.wait()
         except asyncio.TimeoutError:
             pass
 

@@ -96,7 +96,8 @@ class Rounds:
             if remaining <= 0:
                 raise Refusal(425, "RoundNotOpen", f"round {round_id} is not open on this peer")
             try:
-                await asyncio.wait_for(self._opened.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._opened.wait()
             except asyncio.TimeoutError:
                 pass
         if sender not in holder.plan.members:

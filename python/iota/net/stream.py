@@ -237,11 +237,14 @@ class StreamService(Protocol):
 async def serve_connection(conn: Connection, guard: RequestGuard, service: StreamService, signer: Keypair) -> None:
     """Answer `conn`'s requests in turn, each answer signed by `signer` (the server's hotkey)."""
     try:
-        if bytes(await asyncio.wait_for(conn.read(len(MAGIC)), service.read_bound(0))) != MAGIC:
+        async with asyncio.timeout(service.read_bound(0)):
+            magic = await conn.read(len(MAGIC))
+        if bytes(magic) != MAGIC:
             return
         while True:
             # A connection idle past the bound is dropped; clients open another.
-            meta, payload_len = await asyncio.wait_for(conn.receive_header(), service.read_bound(0))
+            async with asyncio.timeout(service.read_bound(0)):
+                meta, payload_len = await conn.receive_header()
             if not await _answer(conn, guard, service, signer, meta, payload_len):
                 return
     except (ConnectionClosed, asyncio.TimeoutError):
@@ -281,9 +284,11 @@ async def _answer(
         # the route takes is not worth reading.
         if payload_len > DISCARD_FACTOR * max(limit, DISCARD_PIECE):
             return False
-        await asyncio.wait_for(conn.discard(payload_len), service.read_bound(payload_len))
+        async with asyncio.timeout(service.read_bound(payload_len)):
+            await conn.discard(payload_len)
         return True
-    payload = await asyncio.wait_for(conn.read(payload_len), service.read_bound(payload_len))
+    async with asyncio.timeout(service.read_bound(payload_len)):
+        payload = await conn.read(payload_len)
     try:
         if await digest_off_loop(payload) != digest:
             raise Refused(400, "DigestMismatch", "the payload does not match the digest its sender signed")
@@ -357,9 +362,8 @@ class StreamClient:
         target = _host_port(address)
         digest = digest or (payload_digest(payload) if payload else EMPTY_DIGEST)
         try:
-            return await asyncio.wait_for(
-                self._exchange(target, method, path, receiver, payload, digest, max_response), timeout
-            )
+            async with asyncio.timeout(timeout):
+                return await self._exchange(target, method, path, receiver, payload, digest, max_response)
         except asyncio.TimeoutError:
             raise NetError(f"{method} {address}{path} over a stream timed out after {timeout:.1f}s") from None
         except (ConnectionClosed, OSError) as exc:
