@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iota.validator.consensus import MergeVotes, outliers
+from iota.validator.consensus import STRIKE_WINDOW, MergeVotes, Strikes, outliers
 
 NAMES = ["a", "b", "c", "d", "e"]
 
@@ -113,3 +113,12 @@ def test_a_round_is_judged_once_a_majority_of_its_contributors_reported_the_outl
     framed[0] = noise_like(framed[0], 8.0)
     assert votes.add(0, 2, "c", contributors, gram_of(framed)) == {}
     assert votes.add(0, 2, "a", contributors, gram_of(honest(3))) == {}
+
+
+def test_a_contributor_is_flagged_at_its_second_outlier_round_close_together() -> None:
+    strikes = Strikes()
+    assert strikes.add(0, 1, "a") == []  # one outlier round can be honest
+    assert strikes.add(1, 2, "a") == []  # another stage's strikes are counted apart
+    assert strikes.add(0, 2, "b") == []
+    assert strikes.add(0, 1 + STRIKE_WINDOW, "a") == []  # the first has left the window
+    assert strikes.add(0, 2 + STRIKE_WINDOW, "a") == [1 + STRIKE_WINDOW, 2 + STRIKE_WINDOW]

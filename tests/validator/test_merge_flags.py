@@ -1,6 +1,7 @@
-"""A merge outlier is flagged `poisoned_merge`, unless a miner flagged for its own work fed its
-training: a cheat's garbage can push an honest pseudo-gradient off (the replay adversary's swarm
-test flagged an honest stage-0 miner that way). Real orchestrator on loopback, real validator."""
+"""A merge outlier is flagged `poisoned_merge` at its second outlier round (one is a strike), unless
+a miner flagged for its own work fed its training: a cheat's garbage can push an honest
+pseudo-gradient off (the replay adversary's swarm test flagged an honest stage-0 miner that way).
+Real orchestrator on loopback, real validator."""
 
 from __future__ import annotations
 
@@ -48,18 +49,24 @@ def test_a_merge_outlier_fed_by_a_miner_flagged_for_its_work_is_spared(
         # `merged_since` later rounds (this one included) were stored before the validator reads the reports.
         for earlier in range(store.stage(0).round, round_ + merged_since):
             store.add_version(0, earlier, hashlib.sha256(b"").hexdigest(), b"", [a, c])
-        for name in ("miner-a", "miner-c"):
-            await h.client(name).merged(0, round_, hashlib.sha256(b"").hexdigest(), contributors, gram)
-        await validator.check_merges()
-        flags = [(f["hotkey"], f["reason"]) for f in h.orchestrator.state()["flags"]]
+
+        async def outlier_round(number: int) -> list[tuple[str, str]]:
+            for name in ("miner-a", "miner-c"):
+                await h.client(name).merged(0, number, hashlib.sha256(b"").hexdigest(), contributors, gram)
+            await validator.check_merges()
+            return [(f["hotkey"], f["reason"]) for f in h.orchestrator.state()["flags"]]
+
+        flags = await outlier_round(round_)
         feeder = [] if feeder_flag is None else [(b, feeder_flag)]
-        if spared:
-            assert flags == feeder  # spared: what it trained on was the cheat's
-            assert validator.merge_votes.judged == {(0, round_, a)}  # judged, not flagged
-        else:
-            assert flags == [*feeder, (a, "poisoned_merge")]
+        assert flags == feeder  # spared (what it trained on was the cheat's), or a first strike
+        assert validator.merge_votes.judged == {(0, round_, a)}
+        assert validator.strikes.rounds == ({} if spared else {(0, a): [round_]})
         # What fed training from versions no merge is judged on any more is forgotten.
         assert {v for (s, _, v) in validator.feeders.fed if s == 0} == ({0} if merges_before <= 1 else set())
+        if not spared:  # outlier again in the next round: the second strike flags it
+            flags = await outlier_round(round_ + 1)
+            assert flags == [*feeder, (a, "poisoned_merge")]
+            assert h.orchestrator.state()["flags"][-1]["outlier_rounds"] == [round_, round_ + 1]
 
     try:
         run(store, body)

@@ -33,7 +33,7 @@ from iota.net import NetError, PeerError, SignedClient
 from iota.net.envelope import pack, unpack
 from iota.orchestrator.client import OrchestratorClient
 from iota.validator.audit import Verdict, check, check_backward, stale_work
-from iota.validator.consensus import POISONED_MERGE, MergeVotes
+from iota.validator.consensus import POISONED_MERGE, MergeVotes, Strikes
 from iota.validator.feeders import Feeders
 from iota.validator.replays import Replays
 from iota.validator.scoring import PathLoss, score_miners, weights_of
@@ -85,6 +85,7 @@ class Validator:
         self.since = 0
         self.merge_since = 0
         self.merge_votes = MergeVotes()
+        self.strikes = Strikes()
         self.replays = Replays()
         self.audits = {"passed": 0, "failed": 0, "unavailable": 0}
         self.flagged: dict[str, str] = {}  # miner hotkey -> why we flagged it
@@ -320,7 +321,11 @@ class Validator:
                     log.warning("not flagging %s for merge round %s: its training was fed by %s, flagged: %s",
                                 hotkey, report["round"], sorted(fed_by), detail)
                     continue
-                await self.flag(hotkey, POISONED_MERGE, detail)
+                rounds = self.strikes.add(stage, report["round"], hotkey)
+                if not rounds:
+                    log.warning("merge round %s: %s is an outlier, a first strike: %s", report["round"], hotkey, detail)
+                    continue
+                await self.flag(hotkey, POISONED_MERGE, {**detail, "outlier_rounds": rounds})
             # Reports come in round order: the ones after this are judged on training from base - 1 on.
             self.feeders.forget_before(stage, base - 1)
 
