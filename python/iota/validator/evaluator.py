@@ -300,7 +300,8 @@ class Validator:
         await self.orchestrator.flag(hotkey, reason, detail)
 
     async def check_merges(self) -> None:
-        """Tally new merge reports; flag a contributor a majority of its round reports far off."""
+        """Tally new merge reports; flag a contributor a majority of its rounds' reports found far off
+        in STRIKES rounds close together (consensus.Strikes)."""
         reports = await self.orchestrator.merge_reports(self.merge_since)
         for report in reports:
             self.merge_since = report["row"]
@@ -323,7 +324,7 @@ class Validator:
                     continue
                 rounds = self.strikes.add(stage, report["round"], hotkey)
                 if not rounds:
-                    log.warning("merge round %s: %s is an outlier, a first strike: %s", report["round"], hotkey, detail)
+                    log.warning("merge round %s: %s is an outlier, a strike, not yet a flag: %s", report["round"], hotkey, detail)
                     continue
                 await self.flag(hotkey, POISONED_MERGE, {**detail, "outlier_rounds": rounds})
             # Reports come in round order: the ones after this are judged on training from base - 1 on.
