@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,45 @@ def test_versions_are_numbered_per_stage_and_written_to_files(store: Store) -> N
     assert store.version_of_round(0, 1).version == 1
     assert store.version_of_round(0, 5) is None
     assert store.latest_version(2) is None
+
+
+def test_work_gives_the_versions_at_the_lease_not_at_the_loss(store: Store, clock: Clock) -> None:
+    for s in range(2):
+        store.add_version(s, None, "0" * 64, b"v0", [])
+    clock.advance(1.0)
+    lease = store.lease("miner-a", total=10, timeout=60.0)
+    leased_at = clock.now
+    # Merges land while the sample is on its way: they do not make its forwards stale.
+    for round_ in (1, 2):
+        clock.advance(1.0)
+        store.add_version(0, round_, "1" * 64, b"v", ["miner-a"])
+    clock.advance(1.0)
+    assert store.record_loss(lease.sample, lease.attempt, 2.0, ["miner-a", "last"], [{"global_version": 0}] * 2)
+    later = store.lease("miner-b", total=10, timeout=60.0)
+    assert store.record_loss(later.sample, later.attempt, 1.5, ["miner-b", "last"])
+    rows = store.work(0)
+    assert [(r["sample"], r["leased"], r["versions"]) for r in rows] == [
+        (lease.sample, leased_at, [0, 0]), (later.sample, clock.now, [2, 0])]
+    # Its lease ran out and it was leased again after the loss was recorded: the row keeps its own lease.
+    clock.advance(100.0)
+    again = store.lease("miner-b", total=10, timeout=60.0)
+    assert (again.sample, again.attempt) == (lease.sample, 1)
+    assert store.work(0)[0]["versions"] == [0, 0]
+
+
+def test_losses_of_an_older_database_take_their_record_time_as_lease_time(tmp_path: Path) -> None:
+    path = tmp_path / "orchestrator.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE losses(sample INTEGER NOT NULL, attempt INTEGER NOT NULL, loss REAL NOT NULL,"
+                " at REAL NOT NULL, path TEXT NOT NULL, commits TEXT NOT NULL DEFAULT '[]')")
+    old.execute("INSERT INTO losses VALUES(4, 0, 2.5, 1700000123.0, '[\"a\"]', '[]')")
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert [(r["sample"], r["loss"], r["leased"]) for r in store.work(0)] == [(4, 2.5, 1700000123.0)]
+    finally:
+        store.close()
 
 
 def test_a_merge_round_opens_and_closes_once(store: Store) -> None:

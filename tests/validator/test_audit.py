@@ -85,7 +85,7 @@ def test_stale_weights_are_caught_from_the_records(data) -> None:
     commits, _ = run_sample(stages, 0)
     path = ["first", "last"]
     assert stale_work(path, commits, [3, 2]) == {}  # one merge behind: still in step
-    assert stale_work(path, commits, [4, 3]) == {"last": {"stage": 1, "global_version": 1, "latest_version": 3}}
+    assert stale_work(path, commits, [4, 3]) == {"last": {"stage": 1, "global_version": 1, "latest_at_lease": 3}}
 
 
 def test_answers_that_contradict_the_commitments_are_caught(data) -> None:

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS samples(
     expires REAL NOT NULL, done REAL, loss REAL, path TEXT);
 CREATE TABLE IF NOT EXISTS losses(
     sample INTEGER NOT NULL, attempt INTEGER NOT NULL, loss REAL NOT NULL, at REAL NOT NULL, path TEXT NOT NULL,
-    commits TEXT NOT NULL DEFAULT '[]');
+    commits TEXT NOT NULL DEFAULT '[]', leased REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS flags(
     at REAL NOT NULL, hotkey TEXT NOT NULL, reason TEXT NOT NULL, validator TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stages(
@@ -109,9 +109,17 @@ class Store:
             # WAL + NORMAL survives a killed process (not a power cut) without an fsync per commit.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._add_lease_times()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the orchestrator database {self.path}: {exc}") from None
         self.db.row_factory = sqlite3.Row
+
+    def _add_lease_times(self) -> None:
+        """A database an earlier version wrote has losses without their lease time: those take the time
+        they were recorded, the bound that version checked stale weights against."""
+        if "leased" not in {column[1] for column in self.db.execute("PRAGMA table_info(losses)")}:
+            self.db.execute("ALTER TABLE losses ADD COLUMN leased REAL")
+            self.db.execute("UPDATE losses SET leased=at")
 
     def close(self) -> None:
         self.db.close()
@@ -220,13 +228,15 @@ class Store:
                 (loss, json.dumps(path), sample, attempt),
             )
             if cursor.rowcount:
-                db.execute("INSERT INTO losses VALUES(?, ?, ?, ?, ?, ?)",
-                           (sample, attempt, loss, time.time(), json.dumps(path), json.dumps(commits or [])))
+                db.execute("INSERT INTO losses(sample, attempt, loss, at, path, commits, leased)"
+                           " SELECT ?, ?, ?, ?, ?, ?, leased FROM samples WHERE id=?",
+                           (sample, attempt, loss, time.time(), json.dumps(path), json.dumps(commits or []), sample))
         return cursor.rowcount == 1
 
     def work(self, since: int, limit: int = 500) -> list[dict[str, Any]]:
-        """Recorded losses after row `since`, with their row id, path, commitments, and
-        `versions`: each stage's latest merged version when the loss was recorded."""
+        """Recorded losses after row `since`, with their row id, path, commitments, the time their
+        attempt was leased, and `versions`: each stage's latest merged version at that lease. Every
+        stage's forward of the sample came after its lease, however long it then took to reach the loss."""
         rows = self.db.execute("SELECT rowid, * FROM losses WHERE rowid>? ORDER BY rowid LIMIT ?",
                                (since, limit)).fetchall()
         created: dict[int, list[tuple[float, int]]] = {}
@@ -237,8 +247,9 @@ class Store:
             return max((version for when, version in created.get(stage, []) if when <= at), default=-1)
 
         return [{"row": r["rowid"], "sample": r["sample"], "attempt": r["attempt"], "loss": r["loss"],
-                 "at": r["at"], "path": json.loads(r["path"]), "commits": json.loads(r["commits"]),
-                 "versions": [latest(stage, r["at"]) for stage in sorted(created)]} for r in rows]
+                 "at": r["at"], "leased": r["leased"], "path": json.loads(r["path"]),
+                 "commits": json.loads(r["commits"]),
+                 "versions": [latest(stage, r["leased"]) for stage in sorted(created)]} for r in rows]
 
     def add_flag(self, hotkey: str, reason: str, validator: str, detail: dict[str, Any]) -> None:
         with self.transaction() as db:

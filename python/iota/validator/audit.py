@@ -59,10 +59,13 @@ def shown_weights(worker: StageWorker, raw: bytes, digest: str) -> torch.Tensor 
 
 def stale_work(path: Sequence[str], commits: Sequence[dict[str, Any]],
                versions: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """The miners on a sample's path whose merged weights were stale: more than one
-    version behind the stage's latest when the loss was recorded (one merge may land
-    between a forward and its loss). From the records alone, so every sample is checked."""
-    return {hotkey: {"stage": stage, "global_version": commit["global_version"], "latest_version": latest}
+    """The miners on a sample's path whose merged weights were stale: more than one version
+    behind `versions`, each stage's latest when the sample was leased. Every forward of it came
+    after that, and an honest miner may still be loading one merge it missed. Not the latest at
+    the loss: merges land every second or so in a small swarm, and a sample slowed on its way
+    looked stale (CI flagged an honest miner 3 versions behind). From the records alone, so
+    every sample is checked."""
+    return {hotkey: {"stage": stage, "global_version": commit["global_version"], "latest_at_lease": latest}
             for stage, (hotkey, commit, latest) in enumerate(zip(path, commits, versions))
             if commit["global_version"] < latest - 1}
 
