@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -35,21 +34,11 @@ from iota.model import Pipeline
 from iota.model.boundary import BoundaryLink
 from iota.model.recipe import Recipe
 from iota.model.train import TrainConfig, lr_at, make_optimizer
-from iota.validator.consensus import NORM_RATIO, outliers
+from iota.validator.consensus import NORM_RATIO, Contributions, outliers
 
 # The middle-stage adversary test's swarm (tests/node/test_adversaries.py).
 RECIPE = Recipe(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, stages=3, batch=4, seq_len=64, samples=240,
                 merge_every=30, warmup_samples=10)
-
-
-def figures(weights: list[float], contributions: list[torch.Tensor], i: int) -> tuple[float, float]:
-    """(norm over the weight-scaled yardstick, median cosine) of contribution i, as the consensus sees it."""
-    norms = [c.norm().item() for c in contributions]
-    refs = [j for j in range(len(contributions)) if j != i]
-    typical = statistics.median(norms[j] * max(1.0, weights[i] / weights[j]) for j in refs)
-    cosine = statistics.median(torch.dot(contributions[i], contributions[j]).item() / (norms[i] * norms[j])
-                               for j in refs)
-    return norms[i] / typical, cosine
 
 
 def gram(contributions: list[torch.Tensor]) -> list[list[float]]:
@@ -92,14 +81,17 @@ def run(recipe: Recipe, miners: int, seed: int) -> list[dict]:
             honest = [outer.pseudo_gradient(flatten(list(replicas[k].stages[index].parameters()))) for k in members]
             row = {"seed": seed, "round": round_, "stage": index, "weights": weights}
             if len(members) >= 2:
-                ratio, cosine = figures(weights, honest, 0)
                 poison = torch.randn(honest[0].shape, generator=noise)
                 poisoned = [poison * (POISON_SCALE * honest[0].norm() / poison.norm())] + honest[1:]
-                bad_ratio, bad_cosine = figures(weights, poisoned, 0)
-                row.update(honest_ratio=round(ratio, 3), honest_cosine=round(cosine, 3),
-                           poisoned_ratio=round(bad_ratio, 3), poisoned_cosine=round(bad_cosine, 3),
-                           honest_outliers=len(outliers(dict(enumerate(weights)), gram(honest))),
-                           poisoner_caught=0 in outliers(dict(enumerate(weights)), gram(poisoned)))
+                grams = gram(honest), gram(poisoned)
+                seen, bad = (Contributions(weights, g).figures(0) for g in grams)
+                if seen and bad:  # else contribution 0 has no reference this round (weights too far apart)
+                    row.update(honest_ratio=round(seen["norm"] / seen["others_typical_norm"], 3),
+                               honest_cosine=round(seen["median_cosine"], 3),
+                               poisoned_ratio=round(bad["norm"] / bad["others_typical_norm"], 3),
+                               poisoned_cosine=round(bad["median_cosine"], 3),
+                               honest_outliers=len(outliers(dict(enumerate(weights)), grams[0])),
+                               poisoner_caught=0 in outliers(dict(enumerate(weights)), grams[1]))
             rows.append(row)
             print(json.dumps(row), flush=True)
             mean = sum(w * h for w, h in zip(weights, honest)) / sum(weights)

@@ -68,31 +68,49 @@ STRIKES = 2
 STRIKE_WINDOW = 3
 
 
+class Contributions:
+    """A round's contributions as the Gram matrix shows them: norms, angles, each one's references."""
+
+    def __init__(self, weights: Sequence[float], gram: Sequence[Sequence[float]]) -> None:
+        self.weights, self.gram = list(weights), gram
+        self.norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(len(self.weights))]
+
+    def cos(self, i: int, j: int) -> float:
+        return self.gram[i][j] / (self.norms[i] * self.norms[j])
+
+    def references(self, i: int) -> list[int]:
+        """R_i: the others with a nonzero contribution and a weight within WEIGHT_SPAN below i's."""
+        return [j for j in range(len(self.weights)) if j != i and self.norms[j] > 0
+                and self.weights[j] * WEIGHT_SPAN >= self.weights[i]]
+
+    def figures(self, i: int) -> dict[str, float] | None:
+        """i's norm, its yardstick T_i and its median cosine over R_i (None with no references or a zero norm)."""
+        refs = self.references(i)
+        if not refs or self.norms[i] == 0:
+            return None
+        typical = statistics.median(self.norms[j] * max(1.0, self.weights[i] / self.weights[j]) for j in refs)
+        return {"norm": self.norms[i], "others_typical_norm": typical,
+                "median_cosine": statistics.median(self.cos(i, j) for j in refs)}
+
+
 def outliers(contributors: Mapping[str, float], gram: Sequence[Sequence[float]]) -> dict[str, dict[str, float]]:
     """The contributors (hotkey -> merge weight, in the Gram matrix's order) far from the others,
     each with the figures that show it."""
-    names, weights = list(contributors), list(contributors.values())
-    n = len(names)
-    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
-
-    def cos(i: int, j: int) -> float:
-        return gram[i][j] / (norms[i] * norms[j])
-
+    weights = list(contributors.values())
+    round_ = Contributions(weights, gram)
     found: dict[str, dict[str, float]] = {}
-    for i, hotkey in enumerate(names):
-        refs = [j for j in range(n) if j != i and norms[j] > 0 and weights[j] * WEIGHT_SPAN >= weights[i]]
-        if not refs:
+    for i, hotkey in enumerate(contributors):
+        figures = round_.figures(i)
+        if figures is None:
             continue
-        typical = statistics.median(norms[j] * max(1.0, weights[i] / weights[j]) for j in refs)
-        if norms[i] == 0:
+        norm, typical, mine = figures["norm"], figures["others_typical_norm"], figures["median_cosine"]
+        if norm > FAR_NORM_RATIO * typical or (norm > NORM_RATIO * typical and mine < AGREEMENT):
+            found[hotkey] = figures
             continue
-        mine = statistics.median(cos(i, j) for j in refs)
-        if norms[i] > FAR_NORM_RATIO * typical or (norms[i] > NORM_RATIO * typical and mine < AGREEMENT):
-            found[hotkey] = {"norm": norms[i], "others_typical_norm": typical, "median_cosine": mine}
-            continue
+        refs = round_.references(i)
         if len(refs) < 2 or weights[i] * WEIGHT_SPAN < statistics.median(weights):
             continue
-        theirs = statistics.median(cos(j, k) for j in refs for k in refs if j < k)
+        theirs = statistics.median(round_.cos(j, k) for j in refs for k in refs if j < k)
         if mine < MIN_COSINE and theirs >= AGREEMENT:
             found[hotkey] = {"median_cosine": mine, "others_median_cosine": theirs}
     return found
